@@ -1,0 +1,31 @@
+"""hessfree: which training samples helped or hurt a PyTorch model, without inverting a Hessian.
+
+Public API (re-exported here):
+
+- recording: :func:`fit`, :class:`Run` (``Run.from_checkpoints``, ``Run.load``)
+- the loss contract: :class:`Task` (built-ins ``"cross_entropy"``, ``"bce"``)
+- methods: :func:`self_influence`, :func:`influence`, :func:`pairwise_influence`,
+  :mod:`hessfree.baselines`
+- targets: :mod:`hessfree.targets` (``Loss``, ``Prediction``)
+- results: :class:`Scores`; evaluation: :mod:`hessfree.metrics`
+
+Sign convention: an influence score is the estimated increase of the target if the sample is
+removed (loss target: positive = helpful, negative = harmful); self-influence and other
+outlier-kind scores: higher = more suspicious.
+"""
+from hessfree import targets
+from hessfree.errors import (CheckpointMismatchError, HessfreeError, InputError, LabelError, NonFiniteError,
+                             ParameterSelectionError, RunDirectoryError)
+from hessfree.methods.tracin import influence, pairwise_influence, self_influence
+from hessfree.run import Run, fit
+from hessfree.scores import Scores
+from hessfree.tasks import BCEWithLogits, CrossEntropy, Task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "fit", "Run", "Task", "CrossEntropy", "BCEWithLogits", "Scores", "targets",
+    "self_influence", "influence", "pairwise_influence",
+    "HessfreeError", "InputError", "CheckpointMismatchError", "ParameterSelectionError", "LabelError",
+    "NonFiniteError", "RunDirectoryError",
+]

@@ -1,0 +1,79 @@
+"""Sample ids and batching over any map-style dataset.
+
+Sample ids are positions in the dataset the user passed; for a ``torch.utils.data.Subset`` (or a
+chain of them) they are the indices into the underlying dataset, so users never re-index.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data._utils.collate import default_collate
+
+from hessfree.errors import InputError
+
+
+def dataset_size(dataset: Dataset, what: str = "dataset") -> int:
+    try:
+        n = len(dataset)  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise InputError(f"the {what} must be a map-style dataset with __len__ and __getitem__") from exc
+    if n == 0:
+        raise InputError(f"the {what} is empty: pass at least one sample")
+    return n
+
+
+def sample_ids(dataset: Dataset) -> np.ndarray:
+    """Ids of the samples of ``dataset``, shape (N,), int64."""
+    n = dataset_size(dataset)
+    ids = np.arange(n, dtype=np.int64)
+    while isinstance(dataset, Subset):
+        ids = np.asarray(dataset.indices, dtype=np.int64)[ids]
+        dataset = dataset.dataset
+    return ids
+
+
+def _fetch(dataset: Dataset, positions: Sequence[int]) -> Any:
+    if isinstance(dataset, TensorDataset):
+        idx = torch.as_tensor(np.asarray(positions, dtype=np.int64))
+        return tuple(t[idx] for t in dataset.tensors)
+    return default_collate([dataset[int(i)] for i in positions])
+
+
+def iter_batches(dataset: Dataset, batch_size: int, order: np.ndarray | None = None
+                 ) -> Iterator[tuple[np.ndarray, Any]]:
+    """Yield (positions, collated batch) over ``dataset`` in ``order`` (default: 0..N-1)."""
+    if batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer, got {batch_size}")
+    n = dataset_size(dataset)
+    order = np.arange(n, dtype=np.int64) if order is None else np.asarray(order, dtype=np.int64)
+    for start in range(0, len(order), batch_size):
+        pos = order[start:start + batch_size]
+        yield pos, _fetch(dataset, pos)
+
+
+def to_device(obj: Any, device: torch.device | str | None, dtype: torch.dtype | None) -> Any:
+    """Move tensors in a (nested) batch to ``device``; floating tensors are cast to ``dtype``."""
+    if isinstance(obj, Tensor):
+        if dtype is not None and obj.dtype.is_floating_point:
+            return obj.to(device=device, dtype=dtype)
+        return obj.to(device=device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device, dtype) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device, dtype) for v in obj)
+    return obj
+
+
+def batch_len(obj: Any) -> int:
+    """Number of samples in a collated batch (size of the first tensor's leading dimension)."""
+    if isinstance(obj, Tensor):
+        return obj.shape[0]
+    if isinstance(obj, dict):
+        return batch_len(next(iter(obj.values())))
+    if isinstance(obj, (list, tuple)):
+        return batch_len(obj[0])
+    raise InputError(f"cannot find the batch dimension of a {type(obj).__name__}")

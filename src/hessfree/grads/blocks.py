@@ -1,0 +1,166 @@
+"""Per-sample gradients of one parameter group, held in the cheapest exact form.
+
+Every block answers three questions for a batch of B samples without ever forming more than it
+must: squared norms (B,), inner products with another batch's block of the same group (B, M),
+and inner products with one dense parameter-shaped vector (B,).
+
+- :class:`LinearBlock` — a weight (and/or bias) used as ``y_t = W a_t + b`` at positions t:
+  per-sample gradient ``G_i = Σ_t g_it a_itᵀ`` kept as the factors ``a`` (B, T, d_in[+1]) and
+  ``g`` (B, T, d_out). nn.Linear (any leading dims) and nn.Conv2d (via unfold) both land here.
+  The bias is folded in as a column of ones. For T = 1 the inner product of two samples is
+  ``(a·a')(g·g')``; for T > 1 the "mixed ghost" rule picks the factorised form
+  ``Σ_{t,s}(a_t·a'_s)(g_t·g'_s)`` (cost ∝ T·S·(d_in+d_out)) or the materialised
+  ``d_out×d_in`` gradient (cost ∝ d_in·d_out), whichever is cheaper.
+- :class:`EmbeddingBlock` — gradient rows at the looked-up ids: ``Σ_{t,s}[id_t = id'_s](g_t·g'_s)``.
+- :class:`DenseBlock` — materialised per-sample gradients (B, P) from ``vmap(grad)``: the fallback.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+# Upper bound on elements of a temporary (rows, M, T, S) tensor in factorised sequence products.
+_MAX_TEMP = 1 << 24
+
+
+def _row_chunk(rows: int, per_row: int) -> int:
+    """Rows per chunk so that a (rows, per_row) temporary stays under _MAX_TEMP elements."""
+    return max(1, _MAX_TEMP // max(1, per_row))
+
+
+@dataclass
+class LinearBlock:
+    a: Tensor  # (B, T, d_in') input activations, a ones column appended when the bias is selected
+    g: Tensor  # (B, T, d_out) gradients of the summed per-sample loss w.r.t. the layer output
+    weight: str | None  # parameter names (None when not selected)
+    bias: str | None
+    weight_shape: tuple[int, ...] | None = None
+    _dense: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def factorised(self) -> bool:
+        T = self.a.shape[1]
+        d_in, d_out = self.a.shape[2], self.g.shape[2]
+        return T * T * (d_in + d_out) <= d_in * d_out
+
+    def materialise(self) -> Tensor:
+        """(B, d_out, d_in') per-sample gradients (cached)."""
+        if self._dense is None:
+            self._dense = torch.bmm(self.g.transpose(1, 2), self.a)
+        return self._dense
+
+    def sq_norms(self) -> Tensor:
+        a, g = self.a, self.g
+        if a.shape[1] == 1:
+            return a[:, 0].pow(2).sum(1) * g[:, 0].pow(2).sum(1)
+        if self.factorised:
+            return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+        return self.materialise().pow(2).sum((1, 2))
+
+    def gram(self, other: "LinearBlock") -> Tensor:
+        a, g, a2, g2 = self.a, self.g, other.a, other.g
+        if a.shape[1] == 1 and a2.shape[1] == 1:
+            return (a[:, 0] @ a2[:, 0].T) * (g[:, 0] @ g2[:, 0].T)
+        T, S = a.shape[1], a2.shape[1]
+        d_in, d_out = a.shape[2], g.shape[2]
+        if T * S * (d_in + d_out) <= d_in * d_out:
+            out = a.new_empty(a.shape[0], a2.shape[0])
+            step = _row_chunk(a.shape[0], a2.shape[0] * T * S)
+            for i in range(0, a.shape[0], step):
+                sl = slice(i, i + step)
+                aa = torch.einsum("itd,jsd->ijts", a[sl], a2)
+                gg = torch.einsum("itd,jsd->ijts", g[sl], g2)
+                out[sl] = (aa * gg).sum((2, 3))
+            return out
+        return self.materialise().flatten(1) @ other.materialise().flatten(1).T
+
+    def dot(self, q: dict[str, Tensor]) -> Tensor:
+        d_out = self.g.shape[2]
+        cols = []
+        if self.weight is not None:
+            cols.append(q[self.weight].reshape(d_out, -1))
+        if self.bias is not None:
+            cols.append(q[self.bias].reshape(d_out, 1))
+        Q = torch.cat(cols, 1) if len(cols) > 1 else cols[0]
+        return ((self.a @ Q.T) * self.g).sum((1, 2))
+
+    def select(self, rows: Tensor | slice) -> "LinearBlock":
+        return LinearBlock(self.a[rows], self.g[rows], self.weight, self.bias, self.weight_shape)
+
+
+@dataclass
+class EmbeddingBlock:
+    ids: Tensor  # (B, T) looked-up row ids
+    g: Tensor  # (B, T, D) output gradients (zero at padding_idx positions)
+    weight: str
+
+    def sq_norms(self) -> Tensor:
+        same = (self.ids[:, :, None] == self.ids[:, None, :]).to(self.g.dtype)
+        return (same * torch.bmm(self.g, self.g.transpose(1, 2))).sum((1, 2))
+
+    def gram(self, other: "EmbeddingBlock") -> Tensor:
+        B, T = self.ids.shape
+        M, S = other.ids.shape
+        out = self.g.new_empty(B, M)
+        step = _row_chunk(B, M * T * S)
+        for i in range(0, B, step):
+            sl = slice(i, i + step)
+            same = (self.ids[sl, None, :, None] == other.ids[None, :, None, :]).to(self.g.dtype)
+            gg = torch.einsum("itd,jsd->ijts", self.g[sl], other.g)
+            out[sl] = (same * gg).sum((2, 3))
+        return out
+
+    def dot(self, q: dict[str, Tensor]) -> Tensor:
+        return (q[self.weight][self.ids] * self.g).sum((1, 2))
+
+    def select(self, rows: Tensor | slice) -> "EmbeddingBlock":
+        return EmbeddingBlock(self.ids[rows], self.g[rows], self.weight)
+
+
+@dataclass
+class DenseBlock:
+    G: Tensor  # (B, P) flattened per-sample gradients of the parameters in ``names`` order
+    names: list[str]
+
+    def sq_norms(self) -> Tensor:
+        return self.G.pow(2).sum(1)
+
+    def gram(self, other: "DenseBlock") -> Tensor:
+        return self.G @ other.G.T
+
+    def dot(self, q: dict[str, Tensor]) -> Tensor:
+        return self.G @ torch.cat([q[n].reshape(-1) for n in self.names])
+
+    def select(self, rows: Tensor | slice) -> "DenseBlock":
+        return DenseBlock(self.G[rows], self.names)
+
+
+Block = LinearBlock | EmbeddingBlock | DenseBlock
+
+
+@dataclass
+class BatchGrads:
+    """Per-sample gradients of one batch over all selected parameters, as a list of blocks.
+
+    Blocks of two BatchGrads from the same engine line up one to one, so inner products are
+    sums of block-wise products.
+    """
+
+    blocks: list[Block]
+    losses: Tensor  # (B,) per-sample losses (detached)
+
+    def __len__(self) -> int:
+        return self.losses.shape[0]
+
+    def sq_norms(self) -> Tensor:
+        return sum(b.sq_norms() for b in self.blocks)  # type: ignore[return-value]
+
+    def gram(self, other: "BatchGrads") -> Tensor:
+        """(B, M) inner products between this batch's samples and ``other``'s."""
+        return sum(b.gram(o) for b, o in zip(self.blocks, other.blocks))  # type: ignore[arg-type,return-value]
+
+    def dot(self, q: dict[str, Tensor]) -> Tensor:
+        """(B,) inner products with one dense gradient ``q`` (parameter name -> tensor)."""
+        return sum(b.dot(q) for b in self.blocks)  # type: ignore[return-value]

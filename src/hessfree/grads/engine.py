@@ -1,0 +1,297 @@
+"""The gradient engine: exact per-sample gradients of the selected parameters, one batch at a time.
+
+One forward and one backward per batch: forward hooks on the selected nn.Linear / nn.Conv2d /
+nn.Embedding layers keep each layer's input ``a`` and output, and one ``autograd.grad`` of the
+summed per-sample loss with respect to those outputs gives ``g`` (row i = sample i's own
+gradient, since per-sample losses are independent in eval mode). Parameters of any other module
+(and parameters shared between modules, or layers whose weights are used outside their own
+forward) go through the ``torch.func`` ``vmap(grad)`` fallback. On the first batch the engine
+checks that the per-sample gradients of every hooked layer sum to the batch gradient from plain
+autograd, and moves a layer that fails the check to the fallback.
+"""
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from hessfree.datasets import batch_len, to_device
+from hessfree.errors import NonFiniteError
+from hessfree.grads.blocks import BatchGrads, Block, DenseBlock, EmbeddingBlock, LinearBlock
+from hessfree.tasks import Task
+
+log = logging.getLogger(__name__)
+
+_VMAP_BYTES = 1 << 28  # per-chunk budget of materialised fallback gradients
+
+
+class _TaskModule(nn.Module):
+    """Lets ``functional_call`` run ``task.forward(model, inputs)`` with swapped-in weights."""
+
+    def __init__(self, model: nn.Module, task: Task):
+        super().__init__()
+        self.model = model
+        self.task = task
+
+    def forward(self, inputs: Any) -> Tensor:
+        return self.task.forward(self.model, inputs)
+
+
+def _rule_kind(module: nn.Module) -> str | None:
+    """The factorised rule for a module, or None. Exact types only: subclasses may override forward."""
+    t = type(module)
+    if t is nn.Linear:
+        return "linear"
+    if t is nn.Conv2d and module.groups == 1 and module.padding_mode == "zeros" and (
+            not isinstance(module.padding, str) or module.padding == "valid"):
+        return "conv2d"
+    if t is nn.Embedding and module.max_norm is None and not module.scale_grad_by_freq:
+        return "embedding"
+    return None
+
+
+def _unsqueeze0(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.unsqueeze(0)
+    if isinstance(obj, dict):
+        return {k: _unsqueeze0(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_unsqueeze0(v) for v in obj)
+    return obj
+
+
+class GradientEngine:
+    """Per-sample gradients of ``names`` (selected trainable parameters) of ``model`` under ``task``.
+
+    Use as a context manager (it installs hooks and puts the model in eval mode), call
+    :meth:`bind` with a checkpoint's state dict, then :meth:`batch_grads` per batch.
+    ``ghost=False`` forces the ``vmap(grad)`` path for every parameter (the reference path).
+    """
+
+    def __init__(self, model: nn.Module, task: Task, names: list[str], *, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32, ghost: bool = True):
+        if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            raise TypeError(f"dtype must be a floating torch dtype, got {dtype}")
+        self.model, self.task, self.names = model, task, list(names)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = dtype
+        self._wrapper = _TaskModule(model, task)
+        self._hooks: list[Any] = []
+        self._capturing = False
+        self._captures: dict[str, list[tuple[Tensor, Tensor]]] = defaultdict(list)
+        self._checked = False
+        self._was_training = model.training
+        self._state: dict[str, Tensor] = {}
+        self._aliases = ({n for n, _ in model.named_parameters(remove_duplicate=False)}
+                         | {n for n, _ in model.named_buffers(remove_duplicate=False)}) - (
+            {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()})
+        self._plan(ghost)
+
+    # -- set-up -----------------------------------------------------------------------------
+    def _plan(self, ghost: bool) -> None:
+        owners: dict[int, dict[int, tuple[str, nn.Module, str]]] = defaultdict(dict)
+        for mod_name, mod in self.model.named_modules(remove_duplicate=False):
+            for local, p in mod.named_parameters(recurse=False):
+                owners[id(p)][id(mod)] = (mod_name, mod, local)
+        params = dict(self.model.named_parameters())
+        self.rules: dict[str, dict[str, Any]] = {}  # module name -> {module, kind, weight, bias}
+        self.fallback: list[str] = []
+        for n in self.names:
+            own = list(owners[id(params[n])].values())
+            kind = _rule_kind(own[0][1]) if len(own) == 1 else None
+            if ghost and kind is not None and own[0][2] in ("weight", "bias"):
+                mod_name, mod, local = own[0]
+                entry = self.rules.setdefault(mod_name, {"module": mod, "kind": kind, "weight": None, "bias": None})
+                entry[local] = n
+            else:
+                self.fallback.append(n)
+        for mod_name, e in list(self.rules.items()):
+            if e["kind"] == "embedding" and e["weight"] is None:
+                del self.rules[mod_name]
+
+    def _demote(self, mod_name: str, why: str) -> None:
+        e = self.rules.pop(mod_name)
+        log.warning("layer %r: %s; its per-sample gradients use the vmap(grad) fallback", mod_name, why)
+        self.fallback.extend(n for n in (e["weight"], e["bias"]) if n is not None)
+        self.fallback.sort(key=self.names.index)
+
+    def __enter__(self) -> "GradientEngine":
+        self._was_training = self.model.training
+        self.model.eval()
+        for mod_name, e in self.rules.items():
+            self._hooks.append(e["module"].register_forward_hook(self._make_hook(mod_name)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self.model.train(self._was_training)
+
+    def _make_hook(self, mod_name: str):
+        def hook(module: nn.Module, inputs: tuple, output: Tensor):
+            if not self._capturing or mod_name not in self.rules:
+                return None
+            self._captures[mod_name].append((inputs[0].detach(), output))
+            # Later in-place ops (e.g. ReLU(inplace=True)) act on the clone, so ``output`` keeps its
+            # place in the graph and its gradient is the layer's own output gradient.
+            return output.clone()
+        return hook
+
+    def bind(self, state: dict[str, Tensor]) -> None:
+        """Evaluate at these weights from now on (floating tensors cast to the engine's dtype)."""
+        selected = set(self.names)
+        self._state = {}
+        for k, v in state.items():
+            if k in self._aliases:  # a tied tensor's second name: functional_call ties it to the first
+                continue
+            v = v.to(self.device, dtype=self.dtype) if v.dtype.is_floating_point else v.to(self.device)
+            if k in selected:
+                v = v.detach().requires_grad_(True)
+            self._state[k] = v
+        self._wstate = {f"model.{k}": v for k, v in self._state.items()}
+
+    # -- evaluation -------------------------------------------------------------------------
+    def prepare(self, batch: Any) -> tuple[Any, Any]:
+        return self.task.split(to_device(batch, self.device, self.dtype))
+
+    def forward(self, inputs: Any) -> Tensor:
+        """Model output at the bound weights (differentiable w.r.t. the selected parameters)."""
+        return functional_call(self._wrapper, self._wstate, (inputs,))
+
+    def dense_grad(self, scalar: Tensor, retain_graph: bool = False) -> dict[str, Tensor]:
+        """Gradient of a scalar w.r.t. the selected parameters: name -> tensor (zeros if unused)."""
+        leaves = [self._state[n] for n in self.names]
+        gs = torch.autograd.grad(scalar, leaves, allow_unused=True, retain_graph=retain_graph)
+        return {n: (g if g is not None else torch.zeros_like(p)) for n, p, g in zip(self.names, leaves, gs)}
+
+    def batch_grads(self, batch: Any, ids: Any = None) -> BatchGrads:
+        """Per-sample gradients of one collated batch; ``ids`` name samples in error messages."""
+        inputs, targets = self.prepare(batch)
+        B = batch_len(inputs)
+        self._captures.clear()
+        self._capturing = True
+        try:
+            outputs = self.forward(inputs)
+        finally:
+            self._capturing = False
+        self.task.validate(outputs, targets, ids)
+        losses = self.task.per_sample_loss(outputs, targets)
+        if losses.shape != (B,):
+            raise ValueError(f"Task.per_sample_loss must return shape ({B},), got {tuple(losses.shape)}")
+        _check_finite(losses, ids, "loss")
+        blocks: list[Block] = []
+        if self.rules:
+            check = not self._checked
+            total = losses.sum()
+            full = self.dense_grad(total, retain_graph=True) if check else None
+            order = [(m, i) for m in self.rules for i in range(len(self._captures.get(m, [])))]
+            outs = [self._captures[m][i][1] for m, i in order]
+            gouts = torch.autograd.grad(total, outs, allow_unused=True) if outs else []
+            per_module: dict[str, list[tuple[Tensor, Tensor]]] = defaultdict(list)
+            for (m, i), go in zip(order, gouts):
+                x, out = self._captures[m][i]
+                per_module[m].append((x, go if go is not None else torch.zeros_like(out)))
+            self._captures.clear()
+            for m, e in list(self.rules.items()):
+                blocks.append(self._block(m, e, per_module.get(m, []), B))
+            if check:
+                self._checked = True
+                bad = [m for m, b in zip(list(self.rules), blocks) if not _sums_to(b, full, self._state)]
+                if bad:
+                    for m in bad:
+                        self._demote(m, "its weights are used outside its own forward (or the sum check failed)")
+                    return self.batch_grads(batch, ids)
+        if self.fallback:
+            blocks.append(self._vmap_block(inputs, targets, B))
+        return BatchGrads(blocks, losses.detach())
+
+    def _block(self, mod_name: str, e: dict[str, Any], calls: list[tuple[Tensor, Tensor]], B: int) -> Block:
+        mod, kind = e["module"], e["kind"]
+        if kind == "embedding":
+            D = mod.embedding_dim
+            if not calls:
+                return EmbeddingBlock(torch.zeros(B, 1, dtype=torch.long, device=self.device),
+                                      torch.zeros(B, 1, D, dtype=self.dtype, device=self.device), e["weight"])
+            ids = torch.cat([x.reshape(B, -1) for x, _ in calls], 1)
+            g = torch.cat([go.reshape(B, -1, D) for _, go in calls], 1)
+            if mod.padding_idx is not None:
+                g = g * (ids != mod.padding_idx).unsqueeze(-1).to(g.dtype)
+            return EmbeddingBlock(ids, g, e["weight"])
+        w = self._state.get(e["weight"]) if e["weight"] else None
+        if kind == "linear":
+            d_in, d_out = mod.in_features, mod.out_features
+            a_parts = [x.reshape(B, -1, d_in) for x, _ in calls]
+            g_parts = [go.reshape(B, -1, d_out) for _, go in calls]
+        else:  # conv2d as a Linear over unfolded patches
+            d_in = mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1]
+            d_out = mod.out_channels
+            pad = 0 if mod.padding == "valid" else mod.padding
+            a_parts = [F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=pad, stride=mod.stride)
+                       .transpose(1, 2) for x, _ in calls]
+            g_parts = [go.reshape(B, d_out, -1).transpose(1, 2) for _, go in calls]
+        if not calls:
+            a = torch.zeros(B, 1, d_in, dtype=self.dtype, device=self.device)
+            g = torch.zeros(B, 1, d_out, dtype=self.dtype, device=self.device)
+        else:
+            a, g = torch.cat(a_parts, 1), torch.cat(g_parts, 1)
+        if e["weight"] is None:
+            a = torch.ones_like(a[..., :1])
+        elif e["bias"] is not None:
+            a = torch.cat([a, torch.ones_like(a[..., :1])], 2)
+        return LinearBlock(a.contiguous(), g.contiguous(), e["weight"], e["bias"],
+                           tuple(w.shape) if w is not None else None)
+
+    def _vmap_block(self, inputs: Any, targets: Any, B: int) -> DenseBlock:
+        base = {k: v.detach() for k, v in self._wstate.items()}
+        fb = {f"model.{n}": base[f"model.{n}"] for n in self.fallback}
+        wrapper, task = self._wrapper, self.task
+
+        def loss_one(fb_params: dict[str, Tensor], x: Any, y: Any) -> Tensor:
+            state = dict(base)
+            state.update(fb_params)
+            out = functional_call(wrapper, state, (_unsqueeze0(x),))
+            return task.per_sample_loss(out, _unsqueeze0(y))[0]
+
+        P = sum(v.numel() for v in fb.values())
+        chunk = max(1, _VMAP_BYTES // max(1, P * base[next(iter(fb))].element_size()))
+        g = vmap(grad(loss_one), in_dims=(None, 0, 0), chunk_size=chunk if chunk < B else None)(fb, inputs, targets)
+        return DenseBlock(torch.cat([g[f"model.{n}"].reshape(B, -1) for n in self.fallback], 1), list(self.fallback))
+
+
+def _sums_to(block: Block, full: dict[str, Tensor] | None, state: dict[str, Tensor]) -> bool:
+    """Does Σ_i (per-sample gradient of ``block``) equal the batch gradient ``full``?"""
+    if full is None:
+        return True
+    if isinstance(block, LinearBlock):
+        G = torch.einsum("btd,bte->de", block.g, block.a)
+        parts = []
+        if block.weight is not None:
+            parts.append((G[:, : G.shape[1] - (block.bias is not None)], full[block.weight].reshape(G.shape[0], -1)))
+        if block.bias is not None:
+            parts.append((G[:, -1], full[block.bias].reshape(-1)))
+    else:
+        assert isinstance(block, EmbeddingBlock)
+        W = torch.zeros_like(state[block.weight])
+        W.index_add_(0, block.ids.reshape(-1), block.g.reshape(-1, block.g.shape[-1]))
+        parts = [(W, full[block.weight])]
+    for mine, ref in parts:
+        scale = ref.abs().max().clamp_min(torch.finfo(ref.dtype).tiny)
+        tol = 1e-3 if ref.dtype in (torch.float16, torch.bfloat16) else 1e-4
+        if float((mine - ref).abs().max() / scale) > tol and float((mine - ref).abs().max()) > 1e-12:
+            return False
+    return True
+
+
+def _check_finite(values: Tensor, ids: Any, what: str) -> None:
+    ok = torch.isfinite(values)
+    if not bool(ok.all()):
+        bad = (~ok).nonzero().flatten().tolist()
+        named = [int(ids[i]) for i in bad] if ids is not None else bad
+        raise NonFiniteError(f"non-finite {what} for sample id(s) {named[:10]}; check those samples' inputs "
+                             "and labels, and the checkpoint's weights")

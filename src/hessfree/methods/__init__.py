@@ -1,0 +1,1 @@
+"""Score methods: pure math over the gradient engine."""

@@ -1,0 +1,120 @@
+"""What every score function shares: argument checks, the checkpoint loop, metadata."""
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, TensorDataset
+from tqdm.auto import tqdm
+
+from hessfree.datasets import dataset_size, iter_batches, sample_ids
+from hessfree.errors import InputError
+from hessfree.grads.engine import GradientEngine
+from hessfree.grads.select import ParamSpec, select_parameters
+from hessfree.run import Run
+from hessfree.scores import SIGN_CONVENTION
+
+
+def checkpoint_indices(run: Run, checkpoints: Sequence[int] | str | None) -> list[int]:
+    """Resolve ``None`` (all), ``"last"`` or a list of (possibly negative) indices."""
+    if not isinstance(run, Run):
+        raise InputError(f"expected a hessfree.Run, got {type(run).__name__}; record one with hessfree.fit "
+                         "or wrap checkpoints with hessfree.Run.from_checkpoints")
+    n = len(run.checkpoints)
+    if n == 0:
+        raise InputError("the run has no checkpoints")
+    if checkpoints is None:
+        return list(range(n))
+    if checkpoints == "last":
+        return [n - 1]
+    if isinstance(checkpoints, str):
+        raise InputError(f"checkpoints must be None, 'last' or a list of indices, got {checkpoints!r}")
+    out = []
+    for k in checkpoints:
+        if not isinstance(k, (int, np.integer)) or not -n <= k < n:
+            raise InputError(f"checkpoint index {k!r} is outside the run's {n} checkpoints")
+        out.append(int(k) % n)
+    if not out:
+        raise InputError("the checkpoint selection is empty")
+    return out
+
+
+def check_labels(engine: GradientEngine, dataset: Dataset, batch_size: int, what: str) -> None:
+    """Validate labels against the loss before the expensive loop (all of them for a TensorDataset)."""
+    ids = sample_ids(dataset)
+    _, first = next(iter_batches(dataset, min(batch_size, 8)))
+    inputs, targets = engine.prepare(first)
+    with torch.no_grad():
+        outputs = engine.forward(inputs)
+    engine.task.validate(outputs, targets, ids[: len(outputs)])
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
+        labels = dataset.tensors[1]
+        engine.task.validate(outputs[:1].expand(len(labels), *outputs.shape[1:]), labels, ids)
+
+
+class Scorer:
+    """Context for one scoring call: validated inputs, the engine, the progress bar, timing."""
+
+    def __init__(self, run: Run, train_dataset: Dataset, *, params: ParamSpec, checkpoints: Any, batch_size: int,
+                 dtype: torch.dtype, device: Any, progress: bool, method: str, ghost: bool = True):
+        self.t0 = time.perf_counter()
+        self.ks = checkpoint_indices(run, checkpoints)
+        self.n = dataset_size(train_dataset, "training dataset")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.run, self.dataset, self.batch_size = run, train_dataset, batch_size
+        self.ids = sample_ids(train_dataset)
+        self.names = select_parameters(run.model, params)
+        self.engine = GradientEngine(run.model, run.task, self.names, device=device, dtype=dtype, ghost=ghost)
+        self.method = method
+        self.params_spec = params if isinstance(params, str) else list(params)
+        self.progress = progress
+
+    def __enter__(self) -> "Scorer":
+        self.engine.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.engine.__exit__(*exc)
+
+    def checkpoints(self, extra_batches_per_checkpoint: int = 0):
+        """Yield (k, η_k) with the engine bound to checkpoint k; each checkpoint loads once."""
+        n_batches = -(-self.n // self.batch_size)
+        bar = tqdm(total=len(self.ks) * (n_batches + extra_batches_per_checkpoint), desc=self.method,
+                   disable=not self.progress, leave=False)
+        self.bar = bar
+        try:
+            for i, k in enumerate(self.ks):
+                self.engine.bind(self.run.checkpoint_state(k))
+                if i == 0:
+                    check_labels(self.engine, self.dataset, self.batch_size, "training dataset")
+                yield k, self.run.checkpoints[k].learning_rate
+        finally:
+            bar.close()
+
+    def train_batches(self):
+        for pos, batch in iter_batches(self.dataset, self.batch_size):
+            yield pos, batch
+            self.bar.update(1)
+
+    def meta(self, **extra: Any) -> dict[str, Any]:
+        meta = {
+            "method": self.method,
+            "kind": "influence",
+            "checkpoints": self.ks,
+            "checkpoint_steps": [self.run.checkpoints[k].step for k in self.ks],
+            "learning_rates": [self.run.checkpoints[k].learning_rate for k in self.ks],
+            "params": self.params_spec,
+            "param_names": self.names,
+            "fallback_params": list(self.engine.fallback),
+            "loss": self.run.task.name,
+            "dtype": str(self.engine.dtype).replace("torch.", ""),
+            "device": str(self.engine.device),
+            "n_train": self.n,
+            "sign_convention": SIGN_CONVENTION,
+        }
+        meta.update(extra)
+        meta["timing"] = {"total_s": time.perf_counter() - self.t0}
+        return meta

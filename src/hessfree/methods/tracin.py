@@ -1,0 +1,111 @@
+"""TracIn over checkpoints and IP (Hessian-free influence); spec tracin.md §3–4.
+
+    TracInCP(z_i, z') = Σ_k η_k g_i(θ_k)·∇l(z'; θ_k)    pairwise_influence  (n_test, n_train)
+    TracIn(z_i; f)    = Σ_k η_k g_i(θ_k)·∇f(θ_k)        influence           (n_train,)
+    Self(z_i)         = Σ_k η_k ||g_i(θ_k)||²           self_influence      (n_train,)
+
+IP is ``influence`` with one checkpoint (the final model) and η = 1: ``Run.from_checkpoints(model,
+[final_state], [1.0])``. Sign: an influence score is the estimated increase of the target if the
+sample is removed — for a loss target positive = helpful, negative = harmful. Self-influence is
+an outlier-kind score: higher = more suspicious (e.g. mislabeled).
+
+Each checkpoint is loaded once per call; target and test gradients are computed once per
+checkpoint; training data streams in batches; only the returned scores are ever N-sized.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from hessfree.datasets import dataset_size, iter_batches, sample_ids
+from hessfree.grads.engine import _check_finite
+from hessfree.grads.select import ParamSpec
+from hessfree.methods.common import Scorer, check_labels
+from hessfree.run import Run
+from hessfree.scores import Scores
+from hessfree.targets import Loss, Target
+from hessfree.errors import InputError
+
+
+def self_influence(run: Run, train_dataset: Dataset, *, params: ParamSpec = "all",
+                   checkpoints: Sequence[int] | str | None = None, batch_size: int = 256,
+                   dtype: torch.dtype = torch.float32, device: Any = None, progress: bool = True,
+                   ghost: bool = True) -> Scores:
+    """Σ_k η_k ||g_i(θ_k)||² for every training sample: Scores (N,), higher = more suspicious.
+
+    ``params``: "all", "last_layer" or a list of parameter/module names. ``checkpoints``: None
+    (all), "last" or indices. ``ghost=False`` forces the vmap(grad) path (reference).
+    """
+    with Scorer(run, train_dataset, params=params, checkpoints=checkpoints, batch_size=batch_size, dtype=dtype,
+                device=device, progress=progress, method="self_influence", ghost=ghost) as sc:
+        out = torch.zeros(sc.n, dtype=torch.float64, device=sc.engine.device)
+        for _, eta in sc.checkpoints():
+            for pos, batch in sc.train_batches():
+                sq = sc.engine.batch_grads(batch, sc.ids[pos]).sq_norms()
+                _check_finite(sq, sc.ids[pos], "gradient norm")
+                out[torch.as_tensor(pos, device=out.device)] += eta * sq.detach().double()
+        meta = sc.meta(kind="outlier", goal="minimize")
+    return Scores(out.cpu().numpy(), sc.ids, meta)
+
+
+def influence(run: Run, train_dataset: Dataset, target: Target | Dataset, *, params: ParamSpec = "all",
+              checkpoints: Sequence[int] | str | None = None, batch_size: int = 256,
+              dtype: torch.dtype = torch.float32, device: Any = None, progress: bool = True,
+              ghost: bool = True) -> Scores:
+    """Σ_k η_k g_i(θ_k)·∇f(θ_k) for every training sample: Scores (N,).
+
+    ``target``: a :mod:`hessfree.targets` object (``targets.Loss(val_dataset)``,
+    ``targets.Prediction(inputs, class_index)``, …); a bare dataset means ``targets.Loss(dataset)``.
+    Positive = removing the sample raises the target (for a loss target: helpful).
+    """
+    if not isinstance(target, Target):
+        target = Loss(target)
+    target.validate()
+    with Scorer(run, train_dataset, params=params, checkpoints=checkpoints, batch_size=batch_size, dtype=dtype,
+                device=device, progress=progress, method="influence", ghost=ghost) as sc:
+        out = torch.zeros(sc.n, dtype=torch.float64, device=sc.engine.device)
+        for _, eta in sc.checkpoints():
+            q = {k: v.detach() for k, v in target.gradient(sc.engine).items()}
+            _check_finite(torch.stack([v.abs().sum() for v in q.values()]), None, "target gradient")
+            for pos, batch in sc.train_batches():
+                s = sc.engine.batch_grads(batch, sc.ids[pos]).dot(q)
+                _check_finite(s, sc.ids[pos], "gradient")
+                out[torch.as_tensor(pos, device=out.device)] += eta * s.detach().double()
+        meta = sc.meta(target=target.describe(), goal=target.goal)
+    return Scores(out.cpu().numpy(), sc.ids, meta)
+
+
+def pairwise_influence(run: Run, train_dataset: Dataset, test_dataset: Dataset, *, params: ParamSpec = "all",
+                       checkpoints: Sequence[int] | str | None = None, batch_size: int = 256,
+                       dtype: torch.dtype = torch.float32, device: Any = None, progress: bool = True,
+                       ghost: bool = True) -> Scores:
+    """TracInCP matrix Σ_k η_k g_i(θ_k)·∇l(z'_j; θ_k): Scores (n_test, n_train).
+
+    Test gradients use the test labels. Row j: positive entries are proponents of test sample j
+    (removing them raises its loss), negative entries opponents. ``scores.helpful(k)`` gives the
+    top proponents per test sample, ``scores.harmful(k)`` the top opponents.
+    """
+    m = dataset_size(test_dataset, "test dataset")
+    test_ids = sample_ids(test_dataset)
+    with Scorer(run, train_dataset, params=params, checkpoints=checkpoints, batch_size=batch_size, dtype=dtype,
+                device=device, progress=progress, method="pairwise_influence", ghost=ghost) as sc:
+        out = torch.zeros(m, sc.n, dtype=torch.float64, device=sc.engine.device)
+        first = True
+        for _, eta in sc.checkpoints():
+            if first:
+                check_labels(sc.engine, test_dataset, batch_size, "test dataset")
+                first = False
+            tests = [(torch.as_tensor(p, device=out.device), sc.engine.batch_grads(b, test_ids[p]))
+                     for p, b in iter_batches(test_dataset, batch_size)]
+            for pos, batch in sc.train_batches():
+                tr = sc.engine.batch_grads(batch, sc.ids[pos])
+                cols = torch.as_tensor(pos, device=out.device)
+                for rows, te in tests:
+                    block = tr.gram(te).detach()  # (B_train, B_test)
+                    _check_finite(block.sum(1), sc.ids[pos], "gradient")
+                    out[rows[:, None], cols[None, :]] += eta * block.T.double()
+        meta = sc.meta(n_test=m, goal="minimize")
+    return Scores(out.cpu().numpy(), sc.ids, meta, test_ids=test_ids)

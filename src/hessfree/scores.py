@@ -1,0 +1,122 @@
+"""Scores: the result of every method, with the ids of the samples they belong to.
+
+Sign convention (one for the whole project): an **influence** score is the estimated increase of
+the target if the sample is removed from training. For a loss target (``goal="minimize"``)
+positive = helpful, negative = harmful. For a target to maximise (e.g. a class logit) positive =
+the sample held the target down (harmful). **Outlier**-kind scores (self-influence, loss, GraNd,
+EL2N, OGA) are higher = more suspicious. ``harmful(k)`` / ``helpful(k)`` apply this for you.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hessfree.errors import InputError
+from hessfree.io import atomic_path
+
+SIGN_CONVENTION = ("influence = estimated increase of the target if the sample is removed "
+                   "(loss target: positive = helpful, negative = harmful); outlier scores: higher = more suspicious")
+
+
+@dataclass
+class Scores:
+    """``values`` (N,) over training samples, or (M, N) for M test samples × N training samples.
+
+    ``sample_ids`` (N,) name the training samples; ``test_ids`` (M,) the test samples of a
+    pairwise matrix. ``meta`` holds the method, checkpoints, parameter selection, target, sign
+    convention and timing; ``meta["kind"]`` is ``"influence"`` or ``"outlier"``.
+    """
+
+    values: np.ndarray
+    sample_ids: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+    test_ids: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.values = np.asarray(self.values)
+        self.sample_ids = np.asarray(self.sample_ids, dtype=np.int64)
+        if self.values.shape[-1] != len(self.sample_ids):
+            raise InputError(f"values of shape {self.values.shape} do not match {len(self.sample_ids)} sample ids")
+        if self.test_ids is not None:
+            self.test_ids = np.asarray(self.test_ids, dtype=np.int64)
+        self.meta.setdefault("kind", "influence")
+        self.meta.setdefault("goal", "minimize")
+        self.meta.setdefault("sign_convention", SIGN_CONVENTION)
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.values.shape
+
+    def __repr__(self) -> str:
+        return f"Scores(method={self.meta.get('method')!r}, shape={self.values.shape}, kind={self.meta['kind']!r})"
+
+    def suspicion(self) -> np.ndarray:
+        """Values turned so that higher = more harmful / suspicious (same shape as ``values``)."""
+        if self.meta["kind"] == "outlier" or self.meta["goal"] == "maximize":
+            return self.values
+        return -self.values
+
+    def _top(self, k: int | float, key: np.ndarray) -> np.ndarray:
+        n = len(self.sample_ids)
+        if isinstance(k, float) and 0 < k < 1:
+            k = max(1, int(round(k * n)))
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
+            raise InputError(f"k must be an integer in [1, {n}] (or a fraction in (0, 1)), got {k!r}")
+        order = np.argsort(-key, axis=-1, kind="stable")[..., :k]  # stable: ties keep the lower position
+        return self.sample_ids[order]
+
+    def harmful(self, k: int | float) -> np.ndarray:
+        """Ids of the k most harmful / suspicious samples, most harmful first ((M, k) for a matrix)."""
+        return self._top(k, self.suspicion())
+
+    def helpful(self, k: int | float) -> np.ndarray:
+        """Ids of the k most helpful (least suspicious) samples, most helpful first."""
+        return self._top(k, -self.suspicion())
+
+    def to_frame(self):
+        """A pandas DataFrame: one row per training sample (columns = test ids for a matrix)."""
+        import pandas as pd
+
+        if self.values.ndim == 1:
+            return pd.DataFrame({"sample_id": self.sample_ids, "score": self.values}).set_index("sample_id")
+        cols = self.test_ids if self.test_ids is not None else np.arange(self.values.shape[0])
+        frame = pd.DataFrame(self.values.T, index=pd.Index(self.sample_ids, name="sample_id"), columns=cols)
+        frame.columns.name = "test_id"
+        return frame
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write an ``.npz`` (NumPy arrays + JSON metadata; no pickle), atomically."""
+        path = Path(path)
+        if path.suffix != ".npz":
+            path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
+        arrays = {"values": self.values, "sample_ids": self.sample_ids,
+                  "meta_json": np.frombuffer(json.dumps(self.meta, default=_jsonable).encode(), dtype=np.uint8)}
+        if self.test_ids is not None:
+            arrays["test_ids"] = self.test_ids
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Scores":
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(z["meta_json"].tobytes().decode())
+            test_ids = z["test_ids"] if "test_ids" in z.files else None
+            return cls(z["values"], z["sample_ids"], meta, test_ids)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)

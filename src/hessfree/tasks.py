@@ -1,0 +1,113 @@
+"""The model/loss contract.
+
+A :class:`Task` says how to run the model on a batch and how to turn its output into one loss
+per sample (mean-reduced over that one sample, so a sample's gradient never depends on the batch
+it is computed in). Built-ins: ``"cross_entropy"`` (integer class labels) and ``"bce"`` (one
+logit, float 0/1 labels). Subclass :class:`Task` for anything else.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hessfree.errors import InputError, LabelError
+
+
+class Task:
+    """Subclass and override :meth:`per_sample_loss` (and :meth:`validate`) for a custom loss.
+
+    ``forward`` runs the model on the inputs of a batch; ``per_sample_loss`` maps the model
+    output and the targets of a batch of B samples to a tensor of shape (B,).
+    """
+
+    name: str = "custom"
+
+    def split(self, batch: Any) -> tuple[Any, Any]:
+        """Split a collated batch into (inputs, targets). Default: a (x, y) pair."""
+        if isinstance(batch, (tuple, list)) and len(batch) == 2:
+            return batch[0], batch[1]
+        raise InputError(
+            "a dataset item must be an (input, target) pair; for any other layout subclass "
+            "hessfree.Task and override split()"
+        )
+
+    def forward(self, model: nn.Module, inputs: Any) -> Tensor:
+        return model(inputs)
+
+    def per_sample_loss(self, outputs: Tensor, targets: Any) -> Tensor:
+        raise NotImplementedError("a Task subclass must implement per_sample_loss(outputs, targets) -> (B,)")
+
+    def validate(self, outputs: Tensor, targets: Any, sample_ids: Any = None) -> None:
+        """Raise :class:`LabelError` if the targets cannot be used with this loss."""
+
+    def to_dict(self) -> dict:
+        return {"name": self.name}
+
+
+class CrossEntropy(Task):
+    """Softmax cross-entropy; outputs (B, C) logits, targets (B,) integer class indices."""
+
+    name = "cross_entropy"
+
+    def per_sample_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(outputs, targets, reduction="none")
+
+    def validate(self, outputs: Tensor, targets: Any, sample_ids: Any = None) -> None:
+        if not isinstance(targets, Tensor):
+            raise LabelError(f"cross_entropy needs integer label tensors, got {type(targets).__name__}")
+        if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
+            raise LabelError(
+                f"cross_entropy needs integer class labels (torch.long), got {targets.dtype}; "
+                "convert with y.long(), or use loss='bce' for float 0/1 labels with one logit"
+            )
+        if outputs.ndim != 2:
+            raise LabelError(f"cross_entropy needs model outputs of shape (batch, classes), got {tuple(outputs.shape)}")
+        n_classes = outputs.shape[1]
+        bad = (targets < 0) | (targets >= n_classes)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            sid = sample_ids[i] if sample_ids is not None else i
+            raise LabelError(
+                f"label {int(targets[i])} of sample id {int(sid)} is outside [0, {n_classes}) for a model "
+                f"with {n_classes} outputs; relabel classes as 0..{n_classes - 1}"
+            )
+
+
+class BCEWithLogits(Task):
+    """Binary cross-entropy on one logit; outputs (B,) or (B, 1), targets (B,) floats in [0, 1]."""
+
+    name = "bce"
+
+    def per_sample_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        logits = outputs.reshape(outputs.shape[0])
+        return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype).reshape(-1), reduction="none")
+
+    def validate(self, outputs: Tensor, targets: Any, sample_ids: Any = None) -> None:
+        if not isinstance(targets, Tensor) or not targets.dtype.is_floating_point:
+            got = targets.dtype if isinstance(targets, Tensor) else type(targets).__name__
+            raise LabelError(f"bce needs float 0/1 labels, got {got}; convert with y.float()")
+        if outputs.numel() != outputs.shape[0]:
+            raise LabelError(
+                f"bce needs one logit per sample (output shape (batch,) or (batch, 1)), got {tuple(outputs.shape)}; "
+                "use loss='cross_entropy' for several classes"
+            )
+        bad = ~((targets >= 0) & (targets <= 1))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            sid = sample_ids[i] if sample_ids is not None else i
+            raise LabelError(f"label {float(targets[i])} of sample id {int(sid)} is outside [0, 1] for bce")
+
+
+_BUILTIN = {"cross_entropy": CrossEntropy, "bce": BCEWithLogits}
+
+
+def resolve_task(loss: str | Task) -> Task:
+    """Turn ``"cross_entropy"`` / ``"bce"`` / a :class:`Task` into a Task instance."""
+    if isinstance(loss, Task):
+        return loss
+    if isinstance(loss, str) and loss in _BUILTIN:
+        return _BUILTIN[loss]()
+    raise InputError(f"unknown loss {loss!r}: use one of {sorted(_BUILTIN)} or a hessfree.Task subclass instance")

@@ -1,0 +1,146 @@
+"""Self, pairwise and target scores against a float64 per-sample autograd loop.
+
+Acceptance: float64 ≤ 1e-9 relative error, float32 default ≤ 5e-5 (entries ≥ 1e-3 of the max),
+for an MLP, a small CNN, an Embedding + sequence-Linear model, and params="last_layer" / a list.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hessfree
+from hessfree.grads.select import select_parameters
+from helpers import (SmallCNN, TokenModel, brute_grads, brute_target_grad, images, mlp, rel_err, tabular,
+                     tokens, trained_run)
+
+CASES = {
+    "mlp": (lambda: mlp(0), tabular),
+    "cnn": (lambda: (torch.manual_seed(0), SmallCNN())[1], images),
+    "tokens": (lambda: (torch.manual_seed(0), TokenModel())[1], tokens),
+}
+PARAMS = {"mlp": ["all", "last_layer", ["0.weight", "2"]],
+          "cnn": ["all", "last_layer", ["conv1.bias", "conv2"]],
+          "tokens": ["all", "last_layer", ["emb", "proj.weight"]]}
+TOL = {torch.float64: 1e-9, torch.float32: 5e-5}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request):
+    build, make = CASES[request.param]
+    train, test = make(seed=0), make(n=12, seed=1)
+    run = trained_run(build(), train)
+    return request.param, run, train, test
+
+
+def _combos(name):
+    return [(p, dt) for p in PARAMS[name] for dt in (torch.float64, torch.float32)]
+
+
+def _refs(run, train, test, names):
+    G = brute_grads(run, train, names)
+    H = brute_grads(run, test, names)
+    etas = run.learning_rates
+    self_ref = sum(eta * (g * g).sum(1) for eta, g in zip(etas, G))
+    pair_ref = sum(eta * h @ g.T for eta, g, h in zip(etas, G, H))
+    return G, self_ref, pair_ref
+
+
+@pytest.mark.parametrize("combo", range(6))
+def test_self_pairwise_target_match_bruteforce(case, combo):
+    name, run, train, test = case
+    params, dtype = _combos(name)[combo]
+    names = select_parameters(run.model, params)
+    G, self_ref, pair_ref = _refs(run, train, test, names)
+    tol = TOL[dtype]
+    kw = dict(params=params, dtype=dtype, batch_size=7, progress=False)
+
+    s = hessfree.self_influence(run, train, **kw)
+    assert s.values.shape == (len(train),)
+    assert s.meta["fallback_params"] == []  # every layer here has a factorised rule
+    assert rel_err(s.values, self_ref) <= tol
+
+    p = hessfree.pairwise_influence(run, train, test, **kw)
+    assert p.values.shape == (len(test), len(train))
+    assert rel_err(p.values, pair_ref) <= tol
+
+    def val_loss(model):
+        x, y = test.tensors
+        x = x.double() if x.dtype.is_floating_point else x
+        return run.task.per_sample_loss(model(x), y).mean()
+
+    q = [brute_target_grad(run, k, names, val_loss) for k in range(len(run.checkpoints))]
+    target_ref = sum(eta * g @ qk for eta, g, qk in zip(run.learning_rates, G, q))
+    t = hessfree.influence(run, train, hessfree.targets.Loss(test, batch_size=5), **kw)
+    assert rel_err(t.values, target_ref) <= tol
+    # the mean of pairwise rows is the loss-target score (linearity)
+    assert rel_err(p.values.mean(0), t.values) <= 10 * tol
+
+
+def test_prediction_target_matches_bruteforce():
+    train = tabular()
+    run = trained_run(mlp(0), train)
+    names = select_parameters(run.model, "all")
+    G = brute_grads(run, train, names)
+    x = tabular(n=3, seed=5).tensors[0]
+    cls = torch.tensor([0, 2, 1])
+    q = [brute_target_grad(run, k, names, lambda m: m(x.double()).gather(1, cls[:, None]).mean())
+         for k in range(len(run.checkpoints))]
+    ref = sum(eta * g @ qk for eta, g, qk in zip(run.learning_rates, G, q))
+    s = hessfree.influence(run, train, hessfree.targets.Prediction(x, cls), dtype=torch.float64, progress=False)
+    assert rel_err(s.values, ref) <= 1e-9
+    assert s.meta["goal"] == "maximize"
+
+
+def test_ghost_path_equals_vmap_path_and_bce():
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 1))
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(25, 4, generator=g), torch.randint(0, 2, (25,), generator=g).float())
+    run = trained_run(model, data, loss="bce")
+    a = hessfree.self_influence(run, data, dtype=torch.float64, progress=False)
+    b = hessfree.self_influence(run, data, dtype=torch.float64, progress=False, ghost=False)
+    assert rel_err(a.values, b.values) <= 1e-10
+    names = select_parameters(run.model, "all")
+    ref = sum(eta * (G * G).sum(1) for eta, G in zip(run.learning_rates, brute_grads(run, data, names)))
+    assert rel_err(a.values, ref) <= 1e-9
+
+
+class Tied(torch.nn.Module):
+    """Embedding weight reused as the output layer: the factorised rule must not be used."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(7, 4)
+        self.out = torch.nn.Linear(4, 7, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.out(self.emb(ids).mean(1))
+
+
+class FunctionalUse(torch.nn.Module):
+    """A Linear whose weight is also used outside its own forward: caught by the first-batch check."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(4, 4)
+        self.b = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h + torch.nn.functional.linear(x, self.a.weight))
+
+
+@pytest.mark.parametrize("which", ["tied", "functional"])
+def test_unsafe_layers_fall_back_and_stay_exact(which):
+    torch.manual_seed(0)
+    if which == "tied":
+        model, data = Tied(), tokens(n=20, T=4, vocab=7, classes=7)
+    else:
+        model, data = FunctionalUse(), tabular(n=20, d=4)
+    run = trained_run(model, data)
+    names = select_parameters(run.model, "all")
+    ref = sum(eta * (G * G).sum(1) for eta, G in zip(run.learning_rates, brute_grads(run, data, names)))
+    s = hessfree.self_influence(run, data, dtype=torch.float64, progress=False)
+    assert rel_err(s.values, ref) <= 1e-9
+    assert s.meta["fallback_params"]  # the unsafe layer went through vmap(grad)
