@@ -118,7 +118,8 @@ def train_with_hessfree(data: Data, workdir: Path) -> Checkpoints:
     model = make_model()
     steps_per_epoch = -(-len(data.train_ds) // BATCH_SIZE)
     run = hessfree.fit(model, data.train_ds, loss="cross_entropy", lr=LR, epochs=EPOCHS, batch_size=BATCH_SIZE,
-                       checkpoint_every=steps_per_epoch * CHECKPOINT_EPOCHS, seed=0, run_dir=workdir / "run")
+                       checkpoint_every=steps_per_epoch * CHECKPOINT_EPOCHS, seed=0, run_dir=workdir / "run",
+                       progress=False)
     n = len(run.checkpoints)
     states = [{k: v.detach().clone() for k, v in run.checkpoint_state(k).items()} for k in range(n)]
     return Checkpoints(states=states, learning_rates=[float(x) for x in run.learning_rates], run=run)
@@ -530,7 +531,7 @@ def environment(threads: int) -> dict:
     env = {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
            "numpy": np.__version__, "scikit-learn": sklearn.__version__, "psutil": psutil.__version__,
            "torch_threads": torch.get_num_threads(), "threads_requested": threads,
-           "cpu_count": os.cpu_count()}
+           "cpu_count": os.cpu_count(), "loadavg": _loadavg()}
     for name in ("captum", "dattri", "hessfree"):
         try:
             from importlib.metadata import version
@@ -557,6 +558,8 @@ def write_json(path: Path, payload: dict) -> None:
 def run_benchmark(args: argparse.Namespace,
                   make_checkpoints: Callable[[Data, Path], Checkpoints] = train_with_hessfree) -> dict:
     torch.set_num_threads(args.threads)
+    print(f"load average at start: {_loadavg()} on {os.cpu_count()} CPUs (other processes competing for the "
+          "CPUs distort the timings; the JSON keeps the load average before/after each method)", flush=True)
     repeats = 1 if args.quick and args.repeats is None else (args.repeats or 3)
     data = load_data(args.quick)
     with tempfile.TemporaryDirectory(prefix="hessfree-peers-") as tmp:

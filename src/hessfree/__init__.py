@@ -13,7 +13,7 @@ Sign convention: an influence score is the estimated increase of the target if t
 removed (loss target: positive = helpful, negative = harmful); self-influence and other
 outlier-kind scores: higher = more suspicious.
 """
-from hessfree import targets
+from hessfree import baselines, data, metrics, targets
 from hessfree.errors import (CheckpointMismatchError, HessfreeError, InputError, LabelError, NonFiniteError,
                              ParameterSelectionError, RunDirectoryError)
 from hessfree.methods.tracin import influence, pairwise_influence, self_influence
@@ -24,7 +24,7 @@ from hessfree.tasks import BCEWithLogits, CrossEntropy, Task
 __version__ = "0.1.0"
 
 __all__ = [
-    "fit", "Run", "Task", "CrossEntropy", "BCEWithLogits", "Scores", "targets",
+    "fit", "Run", "Task", "CrossEntropy", "BCEWithLogits", "Scores", "targets", "baselines", "data", "metrics",
     "self_influence", "influence", "pairwise_influence",
     "HessfreeError", "InputError", "CheckpointMismatchError", "ParameterSelectionError", "LabelError",
     "NonFiniteError", "RunDirectoryError",

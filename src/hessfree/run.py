@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import tempfile
 import time
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from hessfree.datasets import dataset_size, iter_batches, sample_ids as dataset_sample_ids
 from hessfree.errors import CheckpointMismatchError, InputError, NonFiniteError, RunDirectoryError
 from hessfree.io import write_json, write_npz, write_safetensors
-from hessfree.tasks import Task, resolve_task
+from hessfree.tasks import Task, check_dataset_labels, resolve_task
 
 log = logging.getLogger(__name__)
 
@@ -40,32 +41,44 @@ StateDict = dict[str, Tensor]
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def _strip_wrappers(state: Mapping[str, Any]) -> Mapping[str, Any]:
-    if "state_dict" in state and isinstance(state["state_dict"], Mapping):
-        state = state["state_dict"]
-    keys = list(state)
-    if keys and all(k.startswith("module.") for k in keys):  # saved from DistributedDataParallel
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
+def _unwrap(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A dict with a ``state_dict`` key (a training-loop checkpoint) holds the state dict there."""
+    if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        return obj["state_dict"]
+    return obj
 
 
-def _read_state(source: Mapping[str, Tensor] | Path) -> StateDict:
-    if isinstance(source, Mapping):
-        return dict(source)
-    if source.suffix == ".safetensors":
-        return dict(_strip_wrappers(load_file(str(source))))
-    obj = torch.load(source, map_location="cpu", weights_only=True)
+def _prefix_to_strip(keys: Sequence[str], model: nn.Module) -> str:
+    """``"module."`` for a checkpoint saved from a DistributedDataParallel wrapper of ``model``."""
+    model_keys = list(model.state_dict())
+    if keys and all(k.startswith("module.") for k in keys) and not all(k.startswith("module.") for k in model_keys):
+        return "module."
+    return ""
+
+
+def _load_file(path: Path) -> Mapping[str, Tensor]:
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointMismatchError(
+            f"{path} is not a plain state dict (torch.load with weights_only=True refused it: it likely holds a "
+            "pickled model object); save model.state_dict() instead") from exc
     if not isinstance(obj, Mapping):
-        raise CheckpointMismatchError(f"{source} holds a {type(obj).__name__}, not a state_dict")
-    return dict(_strip_wrappers(obj))
+        raise CheckpointMismatchError(f"{path} holds a {type(obj).__name__}, not a state_dict")
+    return _unwrap(obj)
 
 
-def _shapes(source: Mapping[str, Tensor] | Path) -> dict[str, tuple[int, ...]]:
-    if isinstance(source, Path) and source.suffix == ".safetensors":
-        with safe_open(str(source), framework="pt") as fh:  # reads the header only
-            shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
-        return dict(_strip_wrappers(shapes))
-    return {k: tuple(v.shape) for k, v in _read_state(source).items()}
+def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as fh:  # reads the header only
+            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    return {k: tuple(v.shape) for k, v in _load_file(path).items()}
+
+
+def _strip(mapping: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    return {k[len(prefix):]: v for k, v in mapping.items()} if prefix else dict(mapping)
 
 
 def _check_matches(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], label: str) -> None:
@@ -93,10 +106,12 @@ class Checkpoint:
 
     source: Mapping[str, Tensor] | Path
     learning_rate: float
-    step: int | None = None
+    step: int | None = None  # number of SGD steps taken when it was saved (None if unknown)
+    prefix: str = ""  # key prefix to strip on loading ("module." for a DDP checkpoint)
 
     def state(self) -> StateDict:
-        return _read_state(self.source)
+        raw = self.source if isinstance(self.source, Mapping) else _load_file(self.source)
+        return _strip(raw, self.prefix)
 
 
 @dataclass
@@ -176,17 +191,20 @@ class Run:
         wrapped = []
         for k, (src, eta) in enumerate(zip(checkpoints, learning_rates)):
             if isinstance(src, Mapping):
-                state = _strip_wrappers(src)
-                _check_matches(model, {n: tuple(t.shape) for n, t in state.items()}, f"checkpoint {k}")
+                state = _unwrap(src)
+                prefix = _prefix_to_strip(list(state), model)
+                _check_matches(model, _strip({n: tuple(t.shape) for n, t in state.items()}, prefix), f"checkpoint {k}")
                 # clone: a live model.state_dict() aliases the parameters and would change under training
                 source: Mapping[str, Tensor] | Path = {n: t.detach().clone() for n, t in state.items()}
             else:
                 path = Path(src)
                 if not path.is_file():
                     raise InputError(f"checkpoint file {path} does not exist")
-                _check_matches(model, _shapes(path), f"checkpoint {k} ({path})")
+                shapes = _shapes(path)
+                prefix = _prefix_to_strip(list(shapes), model)
+                _check_matches(model, _strip(shapes, prefix), f"checkpoint {k} ({path})")
                 source = path
-            wrapped.append(Checkpoint(source, eta))
+            wrapped.append(Checkpoint(source, eta, prefix=prefix))
         return cls(model=model, checkpoints=wrapped, task=task)
 
     @classmethod
@@ -272,6 +290,8 @@ def fit(model: nn.Module, train_dataset: Dataset, *, loss: str | Task = "cross_e
     final_dir = Path(run_dir) if run_dir is not None else None
     work_dir = None
     if final_dir is not None:
+        if final_dir.exists() and not final_dir.is_dir():
+            raise RunDirectoryError(f"run_dir {final_dir} is an existing file, not a directory; choose another path")
         if final_dir.exists() and any(final_dir.iterdir()) and not overwrite:
             raise RunDirectoryError(
                 f"{final_dir} already exists and is not empty; choose a new run_dir or pass overwrite=True "
@@ -293,11 +313,16 @@ def fit(model: nn.Module, train_dataset: Dataset, *, loss: str | Task = "cross_e
         write_safetensors(work_dir / "checkpoints" / "init.safetensors", model.state_dict())
         manifest["initial"] = "checkpoints/init.safetensors"
 
+    was_training = model.training
+    model.eval()  # no BatchNorm statistics updated by the label check
+    try:
+        check_dataset_labels(task, lambda x: task.forward(model, x), task.split, train_dataset, ids)
+    finally:
+        model.train(was_training)
     gen = torch.Generator().manual_seed(seed)
     positions: list[np.ndarray] = []
     step_lrs: list[float] = []
     checkpoints: list[Checkpoint] = []
-    was_training = model.training
     model.train()
     t0 = time.perf_counter()
     bar = tqdm(total=n_steps, desc="fit", disable=not progress, leave=False)
@@ -311,8 +336,7 @@ def fit(model: nn.Module, train_dataset: Dataset, *, loss: str | Task = "cross_e
                     raise InputError(f"the learning-rate schedule returned {eta} at step {step}")
                 inputs, targets = task.split(batch)
                 outputs = task.forward(model, inputs)
-                if step == 0:
-                    task.validate(outputs, targets, ids[pos])
+                task.validate(outputs, targets, ids[pos])
                 losses = task.per_sample_loss(outputs, targets)
                 if not bool(torch.isfinite(losses).all()):
                     bad = ids[pos][~torch.isfinite(losses).detach().cpu().numpy()]

@@ -44,6 +44,10 @@ class Scores:
             raise InputError(f"values of shape {self.values.shape} do not match {len(self.sample_ids)} sample ids")
         if self.test_ids is not None:
             self.test_ids = np.asarray(self.test_ids, dtype=np.int64)
+            if self.values.ndim != 2 or len(self.test_ids) != self.values.shape[0]:
+                raise InputError(f"{len(self.test_ids)} test ids for values of shape {self.values.shape}: a pairwise "
+                                 "matrix has one row per test sample")
+        self.meta = dict(self.meta)  # never modify the caller's dict
         self.meta.setdefault("kind", "influence")
         self.meta.setdefault("goal", "minimize")
         self.meta.setdefault("sign_convention", SIGN_CONVENTION)
@@ -96,7 +100,7 @@ class Scores:
         """Write an ``.npz`` (NumPy arrays + JSON metadata; no pickle), atomically."""
         path = Path(path)
         if path.suffix != ".npz":
-            path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
+            path = path.with_name(path.name + ".npz")
         arrays = {"values": self.values, "sample_ids": self.sample_ids,
                   "meta_json": np.frombuffer(json.dumps(self.meta, default=_jsonable).encode(), dtype=np.uint8)}
         if self.test_ids is not None:
@@ -108,6 +112,9 @@ class Scores:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Scores":
+        path = Path(path)
+        if not path.exists() and path.suffix != ".npz":
+            path = path.with_name(path.name + ".npz")  # the name save() was given
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(z["meta_json"].tobytes().decode())
             test_ids = z["test_ids"] if "test_ids" in z.files else None

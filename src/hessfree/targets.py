@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from hessfree.datasets import dataset_size, iter_batches, to_device
+from hessfree.datasets import dataset_size, iter_batches, sample_ids, to_device
 from hessfree.errors import InputError
 
 if TYPE_CHECKING:
@@ -54,10 +54,11 @@ class Loss(Target):
         # Accumulate batch by batch so the graph of one batch is freed before the next.
         n = dataset_size(self.dataset, "target dataset")
         total: dict[str, Tensor] | None = None
-        for _, batch in iter_batches(self.dataset, self.batch_size):
+        ids = sample_ids(self.dataset)
+        for pos, batch in iter_batches(self.dataset, self.batch_size):
             inputs, targets = engine.prepare(batch)
             outputs = engine.forward(inputs)
-            engine.task.validate(outputs, targets)
+            engine.task.validate(outputs, targets, ids[pos])
             part = engine.dense_grad(engine.task.per_sample_loss(outputs, targets).sum() / n)
             total = part if total is None else {k: total[k] + part[k] for k in total}
         assert total is not None

@@ -7,12 +7,15 @@ logit, float 0/1 labels). Subclass :class:`Task` for anything else.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torch.utils.data import Dataset, TensorDataset
+
+from hessfree.datasets import iter_batches
 from hessfree.errors import InputError, LabelError
 
 
@@ -111,3 +114,20 @@ def resolve_task(loss: str | Task) -> Task:
     if isinstance(loss, str) and loss in _BUILTIN:
         return _BUILTIN[loss]()
     raise InputError(f"unknown loss {loss!r}: use one of {sorted(_BUILTIN)} or a hessfree.Task subclass instance")
+
+
+def check_dataset_labels(task: Task, forward: Callable[[Any], Tensor], prepare: Callable[[Any], tuple[Any, Any]],
+                         dataset: Dataset, ids: Any) -> None:
+    """Validate a dataset's labels against the loss before any expensive loop starts.
+
+    One small forward pass gives the output shape; a ``TensorDataset`` of (x, y) then has ALL its
+    labels checked at once, other datasets their first batch (later batches are checked as they come).
+    """
+    _, first = next(iter_batches(dataset, 8))
+    inputs, targets = prepare(first)
+    with torch.no_grad():
+        outputs = forward(inputs)
+    task.validate(outputs, targets, ids[: len(outputs)])
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
+        labels = dataset.tensors[1]
+        task.validate(outputs[:1].expand(len(labels), *outputs.shape[1:]), labels, ids)

@@ -6,10 +6,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from hessfree.datasets import dataset_size, iter_batches, sample_ids
+from hessfree.tasks import check_dataset_labels
 from hessfree.errors import InputError
 from hessfree.grads.engine import GradientEngine
 from hessfree.grads.select import ParamSpec, select_parameters
@@ -29,6 +30,8 @@ def checkpoint_indices(run: Run, checkpoints: Sequence[int] | str | None) -> lis
         return list(range(n))
     if checkpoints == "last":
         return [n - 1]
+    if isinstance(checkpoints, (int, np.integer)) and not isinstance(checkpoints, bool):
+        checkpoints = [checkpoints]
     if isinstance(checkpoints, str):
         raise InputError(f"checkpoints must be None, 'last' or a list of indices, got {checkpoints!r}")
     out = []
@@ -41,17 +44,9 @@ def checkpoint_indices(run: Run, checkpoints: Sequence[int] | str | None) -> lis
     return out
 
 
-def check_labels(engine: GradientEngine, dataset: Dataset, batch_size: int, what: str) -> None:
+def check_labels(engine: GradientEngine, dataset: Dataset) -> None:
     """Validate labels against the loss before the expensive loop (all of them for a TensorDataset)."""
-    ids = sample_ids(dataset)
-    _, first = next(iter_batches(dataset, min(batch_size, 8)))
-    inputs, targets = engine.prepare(first)
-    with torch.no_grad():
-        outputs = engine.forward(inputs)
-    engine.task.validate(outputs, targets, ids[: len(outputs)])
-    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
-        labels = dataset.tensors[1]
-        engine.task.validate(outputs[:1].expand(len(labels), *outputs.shape[1:]), labels, ids)
+    check_dataset_labels(engine.task, engine.forward, engine.prepare, dataset, sample_ids(dataset))
 
 
 class Scorer:
@@ -89,7 +84,7 @@ class Scorer:
             for i, k in enumerate(self.ks):
                 self.engine.bind(self.run.checkpoint_state(k))
                 if i == 0:
-                    check_labels(self.engine, self.dataset, self.batch_size, "training dataset")
+                    check_labels(self.engine, self.dataset)
                 yield k, self.run.checkpoints[k].learning_rate
         finally:
             bar.close()

@@ -96,7 +96,7 @@ def pairwise_influence(run: Run, train_dataset: Dataset, test_dataset: Dataset, 
         first = True
         for _, eta in sc.checkpoints():
             if first:
-                check_labels(sc.engine, test_dataset, batch_size, "test dataset")
+                check_labels(sc.engine, test_dataset)
                 first = False
             tests = [(torch.as_tensor(p, device=out.device), sc.engine.batch_grads(b, test_ids[p]))
                      for p, b in iter_batches(test_dataset, batch_size)]

@@ -1,0 +1,1 @@
+"""End-to-end workflows built on the methods (the demo for now)."""
