@@ -36,9 +36,19 @@ def sample_ids(dataset: Dataset) -> np.ndarray:
     return ids
 
 
-def _fetch(dataset: Dataset, positions: Sequence[int]) -> Any:
+def as_index(positions: np.ndarray) -> slice | np.ndarray:
+    """A slice when ``positions`` is a contiguous ascending run (cheap views), else the array."""
+    if len(positions) and positions[-1] - positions[0] + 1 == len(positions) and (
+            len(positions) == 1 or bool(np.all(np.diff(positions) == 1))):
+        return slice(int(positions[0]), int(positions[-1]) + 1)
+    return positions
+
+
+def _fetch(dataset: Dataset, positions: np.ndarray) -> Any:
     if isinstance(dataset, TensorDataset):
-        idx = torch.as_tensor(np.asarray(positions, dtype=np.int64))
+        idx = as_index(positions)
+        if isinstance(idx, np.ndarray):
+            idx = torch.as_tensor(idx)
         return tuple(t[idx] for t in dataset.tensors)
     return default_collate([dataset[int(i)] for i in positions])
 

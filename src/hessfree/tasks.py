@@ -117,7 +117,7 @@ def resolve_task(loss: str | Task) -> Task:
 
 
 def check_dataset_labels(task: Task, forward: Callable[[Any], Tensor], prepare: Callable[[Any], tuple[Any, Any]],
-                         dataset: Dataset, ids: Any) -> None:
+                         dataset: Dataset, ids: Any) -> bool:
     """Validate a dataset's labels against the loss before any expensive loop starts.
 
     One small forward pass gives the output shape; a ``TensorDataset`` of (x, y) then has ALL its
@@ -131,3 +131,5 @@ def check_dataset_labels(task: Task, forward: Callable[[Any], Tensor], prepare: 
     if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
         labels = dataset.tensors[1]
         task.validate(outputs[:1].expand(len(labels), *outputs.shape[1:]), labels, ids)
+        return True
+    return False

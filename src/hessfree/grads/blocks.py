@@ -32,62 +32,78 @@ def _row_chunk(rows: int, per_row: int) -> int:
 
 @dataclass
 class LinearBlock:
-    a: Tensor  # (B, T, d_in') input activations, a ones column appended when the bias is selected
+    a: Tensor | None  # (B, T, d_in) layer inputs; None when only the bias is selected
     g: Tensor  # (B, T, d_out) gradients of the summed per-sample loss w.r.t. the layer output
     weight: str | None  # parameter names (None when not selected)
     bias: str | None
     weight_shape: tuple[int, ...] | None = None
     _dense: Tensor | None = field(default=None, repr=False)
 
+    # The bias acts as a weight column on a constant input 1: it adds 1 to every input inner
+    # product. Folding it in this way avoids concatenating a ones column to the activations.
     @property
-    def factorised(self) -> bool:
-        T = self.a.shape[1]
-        d_in, d_out = self.a.shape[2], self.g.shape[2]
-        return T * T * (d_in + d_out) <= d_in * d_out
+    def _one(self) -> float:
+        return 1.0 if self.bias is not None else 0.0
+
+    @property
+    def d_in(self) -> int:
+        return (self.a.shape[2] if self.a is not None else 0) + (self.bias is not None)
+
+    def _input_products(self, other: "LinearBlock", pattern: str) -> Tensor | float:
+        if self.a is None or other.a is None:
+            return self._one
+        prod = torch.einsum(pattern, self.a, other.a)
+        return prod + 1.0 if self.bias is not None else prod
 
     def materialise(self) -> Tensor:
-        """(B, d_out, d_in') per-sample gradients (cached)."""
+        """(B, d_out, d_in') per-sample gradients, the bias as the last column (cached)."""
         if self._dense is None:
-            self._dense = torch.bmm(self.g.transpose(1, 2), self.a)
+            ones = self.g.new_ones(*self.g.shape[:2], 1)
+            a = ones if self.a is None else (torch.cat([self.a, ones], 2) if self.bias is not None else self.a)
+            self._dense = torch.bmm(self.g.transpose(1, 2), a)
         return self._dense
 
     def sq_norms(self) -> Tensor:
-        a, g = self.a, self.g
-        if a.shape[1] == 1:
-            return a[:, 0].pow(2).sum(1) * g[:, 0].pow(2).sum(1)
-        if self.factorised:
-            return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+        g = self.g
+        T, d_out = g.shape[1], g.shape[2]
+        if T == 1:
+            aa = torch.linalg.vecdot(self.a[:, 0], self.a[:, 0]) + self._one if self.a is not None else self._one
+            return aa * torch.linalg.vecdot(g[:, 0], g[:, 0])
+        if T * T * (self.d_in + d_out) <= self.d_in * d_out:
+            aa = self._input_products(self, "btd,bsd->bts")
+            return (aa * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
         return self.materialise().pow(2).sum((1, 2))
 
     def gram(self, other: "LinearBlock") -> Tensor:
-        a, g, a2, g2 = self.a, self.g, other.a, other.g
-        if a.shape[1] == 1 and a2.shape[1] == 1:
-            return (a[:, 0] @ a2[:, 0].T) * (g[:, 0] @ g2[:, 0].T)
-        T, S = a.shape[1], a2.shape[1]
-        d_in, d_out = a.shape[2], g.shape[2]
-        if T * S * (d_in + d_out) <= d_in * d_out:
-            out = a.new_empty(a.shape[0], a2.shape[0])
-            step = _row_chunk(a.shape[0], a2.shape[0] * T * S)
-            for i in range(0, a.shape[0], step):
+        g, g2 = self.g, other.g
+        T, S, d_out = g.shape[1], g2.shape[1], g.shape[2]
+        if T == 1 and S == 1:
+            aa = (self.a[:, 0] @ other.a[:, 0].T + self._one
+                  if self.a is not None and other.a is not None else self._one)
+            return aa * (g[:, 0] @ g2[:, 0].T)
+        if T * S * (self.d_in + d_out) <= self.d_in * d_out:
+            out = g.new_empty(g.shape[0], g2.shape[0])
+            step = _row_chunk(g.shape[0], g2.shape[0] * T * S)
+            for i in range(0, g.shape[0], step):
                 sl = slice(i, i + step)
-                aa = torch.einsum("itd,jsd->ijts", a[sl], a2)
-                gg = torch.einsum("itd,jsd->ijts", g[sl], g2)
-                out[sl] = (aa * gg).sum((2, 3))
+                part = self.select(sl)
+                aa = part._input_products(other, "itd,jsd->ijts")
+                out[sl] = (aa * torch.einsum("itd,jsd->ijts", g[sl], g2)).sum((2, 3))
             return out
         return self.materialise().flatten(1) @ other.materialise().flatten(1).T
 
     def dot(self, q: dict[str, Tensor]) -> Tensor:
         d_out = self.g.shape[2]
-        cols = []
+        val: Tensor | float = 0.0
         if self.weight is not None:
-            cols.append(q[self.weight].reshape(d_out, -1))
+            val = self.a @ q[self.weight].reshape(d_out, -1).T  # type: ignore[operator]
         if self.bias is not None:
-            cols.append(q[self.bias].reshape(d_out, 1))
-        Q = torch.cat(cols, 1) if len(cols) > 1 else cols[0]
-        return ((self.a @ Q.T) * self.g).sum((1, 2))
+            val = val + q[self.bias].reshape(d_out)
+        return (val * self.g).sum((1, 2))
 
     def select(self, rows: Tensor | slice) -> "LinearBlock":
-        return LinearBlock(self.a[rows], self.g[rows], self.weight, self.bias, self.weight_shape)
+        return LinearBlock(self.a[rows] if self.a is not None else None, self.g[rows], self.weight, self.bias,
+                           self.weight_shape)
 
 
 @dataclass

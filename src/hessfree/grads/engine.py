@@ -12,6 +12,7 @@ autograd, and moves a layer that fails the check to the fallback.
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from typing import Any
 
@@ -40,6 +41,23 @@ class _TaskModule(nn.Module):
 
     def forward(self, inputs: Any) -> Tensor:
         return self.task.forward(self.model, inputs)
+
+
+def _tensor_slots(model: nn.Module) -> dict[str, list[tuple[dict, str]]]:
+    """Canonical state-dict name -> every (module._parameters / _buffers dict, key) holding it.
+
+    Tied tensors (one Parameter registered in two modules) get one entry with both slots.
+    """
+    slots: dict[str, list[tuple[dict, str]]] = {}
+    canonical: dict[int, str] = {}
+    for kind, items in (("_parameters", model.named_parameters(remove_duplicate=False)),
+                        ("_buffers", model.named_buffers(remove_duplicate=False))):
+        for name, t in items:
+            mod_name, _, attr = name.rpartition(".")
+            mod = model.get_submodule(mod_name) if mod_name else model
+            key = canonical.setdefault(id(t), name)
+            slots.setdefault(key, []).append((getattr(mod, kind), attr))
+    return slots
 
 
 def _rule_kind(module: nn.Module) -> str | None:
@@ -87,9 +105,8 @@ class GradientEngine:
         self._checked = False
         self._was_training = model.training
         self._state: dict[str, Tensor] = {}
-        self._aliases = ({n for n, _ in model.named_parameters(remove_duplicate=False)}
-                         | {n for n, _ in model.named_buffers(remove_duplicate=False)}) - (
-            {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()})
+        self._slots = _tensor_slots(model)
+        self._originals: list[tuple[dict, str, Any]] = []
         self._plan(ghost)
 
     # -- set-up -----------------------------------------------------------------------------
@@ -123,6 +140,9 @@ class GradientEngine:
     def __enter__(self) -> "GradientEngine":
         self._was_training = self.model.training
         self.model.eval()
+        # The checkpoint's tensors are swapped into the model's parameter/buffer slots once per
+        # checkpoint (not per batch, as functional_call would) and the originals put back on exit.
+        self._originals = [(slot, attr, slot[attr]) for slots in self._slots.values() for slot, attr in slots]
         for mod_name, e in self.rules.items():
             self._hooks.append(e["module"].register_forward_hook(self._make_hook(mod_name)))
         return self
@@ -131,6 +151,9 @@ class GradientEngine:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        for slot, attr, original in self._originals:
+            slot[attr] = original
+        self._originals = []
         self.model.train(self._was_training)
 
     def _make_hook(self, mod_name: str):
@@ -145,16 +168,20 @@ class GradientEngine:
 
     def bind(self, state: dict[str, Tensor]) -> None:
         """Evaluate at these weights from now on (floating tensors cast to the engine's dtype)."""
+        if not self._originals:
+            raise RuntimeError("use the engine as a context manager: `with GradientEngine(...) as engine:`")
         selected = set(self.names)
         self._state = {}
-        for k, v in state.items():
-            if k in self._aliases:  # a tied tensor's second name: functional_call ties it to the first
-                continue
+        for k, slots in self._slots.items():  # canonical names; a tied tensor's other names share its slot list
+            if k not in state:
+                continue  # e.g. a non-persistent buffer: the model's own stays in place
+            v = state[k]
             v = v.to(self.device, dtype=self.dtype) if v.dtype.is_floating_point else v.to(self.device)
             if k in selected:
                 v = v.detach().requires_grad_(True)
             self._state[k] = v
-        self._wstate = {f"model.{k}": v for k, v in self._state.items()}
+            for slot, attr in slots:
+                slot[attr] = v
 
     # -- evaluation -------------------------------------------------------------------------
     def prepare(self, batch: Any) -> tuple[Any, Any]:
@@ -162,7 +189,7 @@ class GradientEngine:
 
     def forward(self, inputs: Any) -> Tensor:
         """Model output at the bound weights (differentiable w.r.t. the selected parameters)."""
-        return functional_call(self._wrapper, self._wstate, (inputs,))
+        return self.task.forward(self.model, inputs)
 
     def dense_grad(self, scalar: Tensor, retain_graph: bool = False) -> dict[str, Tensor]:
         """Gradient of a scalar w.r.t. the selected parameters: name -> tensor (zeros if unused)."""
@@ -170,8 +197,11 @@ class GradientEngine:
         gs = torch.autograd.grad(scalar, leaves, allow_unused=True, retain_graph=retain_graph)
         return {n: (g if g is not None else torch.zeros_like(p)) for n, p, g in zip(self.names, leaves, gs)}
 
-    def batch_grads(self, batch: Any, ids: Any = None) -> BatchGrads:
-        """Per-sample gradients of one collated batch; ``ids`` name samples in error messages."""
+    def batch_grads(self, batch: Any, ids: Any = None, validate: bool = True) -> BatchGrads:
+        """Per-sample gradients of one collated batch; ``ids`` name samples in error messages.
+
+        ``validate=False`` skips the label check (for datasets whose labels were all checked).
+        """
         inputs, targets = self.prepare(batch)
         B = batch_len(inputs)
         self._captures.clear()
@@ -180,7 +210,8 @@ class GradientEngine:
             outputs = self.forward(inputs)
         finally:
             self._capturing = False
-        self.task.validate(outputs, targets, ids)
+        if validate:
+            self.task.validate(outputs, targets, ids)
         losses = self.task.per_sample_loss(outputs, targets)
         if losses.shape != (B,):
             raise ValueError(f"Task.per_sample_loss must return shape ({B},), got {tuple(losses.shape)}")
@@ -206,7 +237,7 @@ class GradientEngine:
                 if bad:
                     for m in bad:
                         self._demote(m, "its weights are used outside its own forward (or the sum check failed)")
-                    return self.batch_grads(batch, ids)
+                    return self.batch_grads(batch, ids, validate)
         if self.fallback:
             blocks.append(self._vmap_block(inputs, targets, B))
         return BatchGrads(blocks, losses.detach())
@@ -239,27 +270,22 @@ class GradientEngine:
             a = torch.zeros(B, 1, d_in, dtype=self.dtype, device=self.device)
             g = torch.zeros(B, 1, d_out, dtype=self.dtype, device=self.device)
         else:
-            a, g = torch.cat(a_parts, 1), torch.cat(g_parts, 1)
-        if e["weight"] is None:
-            a = torch.ones_like(a[..., :1])
-        elif e["bias"] is not None:
-            a = torch.cat([a, torch.ones_like(a[..., :1])], 2)
-        return LinearBlock(a.contiguous(), g.contiguous(), e["weight"], e["bias"],
+            a = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, 1)
+            g = g_parts[0] if len(g_parts) == 1 else torch.cat(g_parts, 1)
+        return LinearBlock(a if e["weight"] is not None else None, g, e["weight"], e["bias"],
                            tuple(w.shape) if w is not None else None)
 
     def _vmap_block(self, inputs: Any, targets: Any, B: int) -> DenseBlock:
-        base = {k: v.detach() for k, v in self._wstate.items()}
-        fb = {f"model.{n}": base[f"model.{n}"] for n in self.fallback}
+        # Only the fallback parameters are swapped per call; everything else is already bound.
+        fb = {f"model.{n}": self._state[n].detach() for n in self.fallback}
         wrapper, task = self._wrapper, self.task
 
         def loss_one(fb_params: dict[str, Tensor], x: Any, y: Any) -> Tensor:
-            state = dict(base)
-            state.update(fb_params)
-            out = functional_call(wrapper, state, (_unsqueeze0(x),))
+            out = functional_call(wrapper, fb_params, (_unsqueeze0(x),))
             return task.per_sample_loss(out, _unsqueeze0(y))[0]
 
         P = sum(v.numel() for v in fb.values())
-        chunk = max(1, _VMAP_BYTES // max(1, P * base[next(iter(fb))].element_size()))
+        chunk = max(1, _VMAP_BYTES // max(1, P * self.dtype.itemsize))
         g = vmap(grad(loss_one), in_dims=(None, 0, 0), chunk_size=chunk if chunk < B else None)(fb, inputs, targets)
         return DenseBlock(torch.cat([g[f"model.{n}"].reshape(B, -1) for n in self.fallback], 1), list(self.fallback))
 
@@ -269,12 +295,12 @@ def _sums_to(block: Block, full: dict[str, Tensor] | None, state: dict[str, Tens
     if full is None:
         return True
     if isinstance(block, LinearBlock):
-        G = torch.einsum("btd,bte->de", block.g, block.a)
+        g = block.g.flatten(0, 1)
         parts = []
         if block.weight is not None:
-            parts.append((G[:, : G.shape[1] - (block.bias is not None)], full[block.weight].reshape(G.shape[0], -1)))
+            parts.append((g.T @ block.a.flatten(0, 1), full[block.weight].reshape(g.shape[1], -1)))  # type: ignore[union-attr]
         if block.bias is not None:
-            parts.append((G[:, -1], full[block.bias].reshape(-1)))
+            parts.append((g.sum(0), full[block.bias].reshape(-1)))
     else:
         assert isinstance(block, EmbeddingBlock)
         W = torch.zeros_like(state[block.weight])
@@ -289,6 +315,8 @@ def _sums_to(block: Block, full: dict[str, Tensor] | None, state: dict[str, Tens
 
 
 def _check_finite(values: Tensor, ids: Any, what: str) -> None:
+    if math.isfinite(float(values.detach().sum())):  # fast path: one reduction, one sync
+        return
     ok = torch.isfinite(values)
     if not bool(ok.all()):
         bad = (~ok).nonzero().flatten().tolist()

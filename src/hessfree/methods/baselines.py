@@ -29,13 +29,13 @@ def _forward_score(run: Run, dataset: Dataset, fn, method: str, checkpoints: Any
                 device=device, progress=progress, method=method) as sc:
         out = torch.zeros(sc.n, dtype=torch.float64, device=sc.engine.device)
         for _ in sc.checkpoints():
-            for pos, batch in sc.train_batches():
+            for pos, batch, _ in sc.train_batches(grads=False):
                 with torch.no_grad():
                     inputs, targets = sc.engine.prepare(batch)
                     outputs = sc.engine.forward(inputs)
                     v = fn(run, outputs, targets)
                 _check_finite(v, sc.ids[pos], method)
-                out[torch.as_tensor(pos, device=out.device)] += v.double() / len(sc.ks)
+                sc.add(out, pos, v, 1 / len(sc.ks))
         meta = sc.meta(kind="outlier")
     return Scores(out.cpu().numpy(), sc.ids, meta)
 
@@ -72,9 +72,9 @@ def grand(run: Run, dataset: Dataset, *, params: ParamSpec = "all", checkpoints:
                 device=device, progress=progress, method="grand") as sc:
         out = torch.zeros(sc.n, dtype=torch.float64, device=sc.engine.device)
         for _ in sc.checkpoints():
-            for pos, batch in sc.train_batches():
-                sq = sc.engine.batch_grads(batch, sc.ids[pos]).sq_norms().detach()
+            for pos, _, grads in sc.train_batches():
+                sq = grads.sq_norms().detach()
                 _check_finite(sq, sc.ids[pos], "gradient norm")
-                out[torch.as_tensor(pos, device=out.device)] += sq.double().clamp_min(0).sqrt() / len(sc.ks)
+                sc.add(out, pos, sq.double().clamp_min(0).sqrt(), 1 / len(sc.ks))
         meta = sc.meta(kind="outlier")
     return Scores(out.cpu().numpy(), sc.ids, meta)

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from hessfree.datasets import dataset_size, iter_batches, sample_ids
+from hessfree.datasets import as_index, dataset_size, iter_batches, sample_ids
 from hessfree.tasks import check_dataset_labels
 from hessfree.errors import InputError
 from hessfree.grads.engine import GradientEngine
@@ -44,9 +44,11 @@ def checkpoint_indices(run: Run, checkpoints: Sequence[int] | str | None) -> lis
     return out
 
 
-def check_labels(engine: GradientEngine, dataset: Dataset) -> None:
-    """Validate labels against the loss before the expensive loop (all of them for a TensorDataset)."""
-    check_dataset_labels(engine.task, engine.forward, engine.prepare, dataset, sample_ids(dataset))
+def check_labels(engine: GradientEngine, dataset: Dataset) -> bool:
+    """Validate labels against the loss before the expensive loop (all of them for a TensorDataset).
+
+    Returns True when every label was checked (per-batch checks can then be skipped)."""
+    return check_dataset_labels(engine.task, engine.forward, engine.prepare, dataset, sample_ids(dataset))
 
 
 class Scorer:
@@ -66,6 +68,7 @@ class Scorer:
         self.method = method
         self.params_spec = params if isinstance(params, str) else list(params)
         self.progress = progress
+        self.labels_checked = False
 
     def __enter__(self) -> "Scorer":
         self.engine.__enter__()
@@ -84,15 +87,25 @@ class Scorer:
             for i, k in enumerate(self.ks):
                 self.engine.bind(self.run.checkpoint_state(k))
                 if i == 0:
-                    check_labels(self.engine, self.dataset)
+                    self.labels_checked = check_labels(self.engine, self.dataset)
                 yield k, self.run.checkpoints[k].learning_rate
         finally:
             bar.close()
 
-    def train_batches(self):
+    def train_batches(self, grads: bool = True):
+        """Yield (positions, batch, per-sample gradients or None) over the training data."""
         for pos, batch in iter_batches(self.dataset, self.batch_size):
-            yield pos, batch
+            g = self.engine.batch_grads(batch, self.ids[pos], validate=not self.labels_checked) if grads else None
+            yield pos, batch, g
             self.bar.update(1)
+
+    def add(self, out: torch.Tensor, pos: np.ndarray, values: torch.Tensor, scale: float) -> None:
+        """out[pos] += scale * values (float64 accumulation; a slice when pos is contiguous)."""
+        idx = as_index(pos)
+        if isinstance(idx, slice):
+            out[idx].add_(values.detach(), alpha=scale)
+        else:
+            out[torch.as_tensor(idx, device=out.device)] += scale * values.detach().double()
 
     def meta(self, **extra: Any) -> dict[str, Any]:
         meta = {

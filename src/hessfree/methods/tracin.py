@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from hessfree.datasets import dataset_size, iter_batches, sample_ids
+from hessfree.datasets import as_index, dataset_size, iter_batches, sample_ids
 from hessfree.grads.engine import _check_finite
 from hessfree.grads.select import ParamSpec
 from hessfree.methods.common import Scorer, check_labels
@@ -43,10 +43,10 @@ def self_influence(run: Run, train_dataset: Dataset, *, params: ParamSpec = "all
                 device=device, progress=progress, method="self_influence", ghost=ghost) as sc:
         out = torch.zeros(sc.n, dtype=torch.float64, device=sc.engine.device)
         for _, eta in sc.checkpoints():
-            for pos, batch in sc.train_batches():
-                sq = sc.engine.batch_grads(batch, sc.ids[pos]).sq_norms()
+            for pos, _, grads in sc.train_batches():
+                sq = grads.sq_norms()
                 _check_finite(sq, sc.ids[pos], "gradient norm")
-                out[torch.as_tensor(pos, device=out.device)] += eta * sq.detach().double()
+                sc.add(out, pos, sq, eta)
         meta = sc.meta(kind="outlier", goal="minimize")
     return Scores(out.cpu().numpy(), sc.ids, meta)
 
@@ -70,10 +70,10 @@ def influence(run: Run, train_dataset: Dataset, target: Target | Dataset, *, par
         for _, eta in sc.checkpoints():
             q = {k: v.detach() for k, v in target.gradient(sc.engine).items()}
             _check_finite(torch.stack([v.abs().sum() for v in q.values()]), None, "target gradient")
-            for pos, batch in sc.train_batches():
-                s = sc.engine.batch_grads(batch, sc.ids[pos]).dot(q)
+            for pos, _, grads in sc.train_batches():
+                s = grads.dot(q)
                 _check_finite(s, sc.ids[pos], "gradient")
-                out[torch.as_tensor(pos, device=out.device)] += eta * s.detach().double()
+                sc.add(out, pos, s, eta)
         meta = sc.meta(target=target.describe(), goal=target.goal)
     return Scores(out.cpu().numpy(), sc.ids, meta)
 
@@ -96,16 +96,19 @@ def pairwise_influence(run: Run, train_dataset: Dataset, test_dataset: Dataset, 
         first = True
         for _, eta in sc.checkpoints():
             if first:
-                check_labels(sc.engine, test_dataset)
+                test_checked = check_labels(sc.engine, test_dataset)
                 first = False
-            tests = [(torch.as_tensor(p, device=out.device), sc.engine.batch_grads(b, test_ids[p]))
+            tests = [(p, sc.engine.batch_grads(b, test_ids[p], validate=not test_checked))
                      for p, b in iter_batches(test_dataset, batch_size)]
-            for pos, batch in sc.train_batches():
-                tr = sc.engine.batch_grads(batch, sc.ids[pos])
-                cols = torch.as_tensor(pos, device=out.device)
+            for pos, _, tr in sc.train_batches():
                 for rows, te in tests:
-                    block = tr.gram(te).detach()  # (B_train, B_test)
-                    _check_finite(block.sum(1), sc.ids[pos], "gradient")
-                    out[rows[:, None], cols[None, :]] += eta * block.T.double()
+                    block = te.gram(tr).detach()  # (B_test, B_train)
+                    _check_finite(block.sum(0), sc.ids[pos], "gradient")
+                    r, c = as_index(rows), as_index(pos)
+                    if isinstance(r, slice) and isinstance(c, slice):
+                        out[r, c].add_(block, alpha=eta)
+                    else:
+                        r, c = torch.as_tensor(rows, device=out.device), torch.as_tensor(pos, device=out.device)
+                        out[r[:, None], c[None, :]] += eta * block.double()
         meta = sc.meta(n_test=m, goal="minimize")
     return Scores(out.cpu().numpy(), sc.ids, meta, test_ids=test_ids)
