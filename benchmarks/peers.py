@@ -63,7 +63,8 @@ DEFAULT_OUT = HERE / "results" / "peers.json"
 
 LR = 0.1
 EPOCHS = 30
-BATCH_SIZE = 256
+BATCH_SIZE = 256  # SGD batch of the one training run
+SCORE_BATCH = 256  # batch every library scores with (--score-batch)
 N_TEST = 360
 CHECKPOINT_EPOCHS = 5
 LAST_LAYER = ("4.weight", "4.bias")  # the final nn.Linear(64, 10) of the Sequential below
@@ -251,26 +252,32 @@ class Measurement:
     output: np.ndarray
     seconds: list[float]
     cpu_seconds: list[float]  # process CPU time (all threads) during the call
-    mem_increase_mb: list[float]  # psutil-sampled peak RSS - RSS before, per repeat
-    hwm_increase_mb: list[float]  # kernel VmHWM (exact peak RSS) - RSS before, per repeat (Linux only)
+    mem_increase_mb: list[float]  # psutil-sampled peak RSS - RSS before, in the one memory call
+    hwm_increase_mb: list[float]  # kernel VmHWM (exact peak RSS) - RSS before (Linux only)
 
 
 def measure(fn: Callable[[], Any], to_numpy: Callable[[Any], np.ndarray], repeats: int) -> Measurement:
+    """Time ``repeats`` calls with nothing else running in the process, then measure memory in
+    ONE further call: the RSS-sampling thread competes for the GIL and would slow the timed calls
+    (more so for fast, Python-heavy ones)."""
     seconds, cpu, mem, hwm = [], [], [], []
     out = None
     for _ in range(repeats):
         out = None
         _release_memory()
-        can_hwm = _reset_hwm()
-        with RssSampler() as s:
-            c0, t0 = time.process_time(), time.perf_counter()
-            out = fn()
-            seconds.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
-        mem.append((s.peak - s.before) / 2**20)
-        peak = _read_hwm_bytes() if can_hwm else None
-        if peak is not None:
-            hwm.append((peak - s.before) / 2**20)
+        c0, t0 = time.process_time(), time.perf_counter()
+        out = fn()
+        seconds.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    out = None
+    _release_memory()
+    can_hwm = _reset_hwm()
+    with RssSampler() as s:
+        out = fn()
+    mem.append((s.peak - s.before) / 2**20)
+    peak = _read_hwm_bytes() if can_hwm else None
+    if peak is not None:
+        hwm.append((peak - s.before) / 2**20)
     return Measurement(to_numpy(out), seconds, cpu, mem, hwm)
 
 
@@ -303,14 +310,14 @@ def method_hessfree(params: str) -> Callable[[Checkpoints, Data], dict]:
             raise RuntimeError("no hessfree.Run available")
         run = ck.run
         return {
-            "self": (lambda: hessfree.self_influence(run, data.score_train_ds, params=params, batch_size=BATCH_SIZE,
+            "self": (lambda: hessfree.self_influence(run, data.score_train_ds, params=params, batch_size=SCORE_BATCH,
                                                      dtype=torch.float32, progress=False),
                      lambda s: np.asarray(s.values)),
             "pair": (lambda: hessfree.pairwise_influence(run, data.score_train_ds, data.test_ds, params=params,
-                                                         batch_size=BATCH_SIZE, dtype=torch.float32, progress=False),
+                                                         batch_size=SCORE_BATCH, dtype=torch.float32, progress=False),
                      lambda s: np.asarray(s.values)),
             "inside_timing": f"hessfree.self_influence / pairwise_influence(run, ..., params={params!r}, "
-                             f"batch_size={BATCH_SIZE}, float32): reads the 6 checkpoints from the run "
+                             f"batch_size={SCORE_BATCH}, float32): reads the 6 checkpoints from the run "
                              "directory and computes everything",
             "orientation": "pairwise values are (n_test, n_train): used as is",
             "lr_handling": "per-checkpoint learning rates from the Run (run.learning_rates)",
@@ -334,8 +341,8 @@ def method_captum_tracincp(sample_wise: bool) -> Callable[[Checkpoints, Data], d
         # sample_wise_grads_per_batch=True needs a *reduction* loss (per-sample grads via hooks on
         # Linear layers); False needs a per-example loss (reduction="none") and loops over samples.
         loss_fn = nn.CrossEntropyLoss(reduction="sum" if sample_wise else "none")
-        train_loader = DataLoader(data.score_train_ds, batch_size=BATCH_SIZE, shuffle=False)
-        test_loader = DataLoader(data.test_ds, batch_size=BATCH_SIZE, shuffle=False)
+        train_loader = DataLoader(data.score_train_ds, batch_size=SCORE_BATCH, shuffle=False)
+        test_loader = DataLoader(data.test_ds, batch_size=SCORE_BATCH, shuffle=False)
         tracin = TracInCP(model, train_loader, ck.captum_files, checkpoints_load_func=_captum_load_func,
                           loss_fn=loss_fn, batch_size=None, sample_wise_grads_per_batch=sample_wise)
         return {
@@ -356,7 +363,7 @@ def method_captum_fast(ck: Checkpoints, data: Data) -> dict:
     from captum.influence import TracInCPFast
 
     model = make_model().eval()
-    train_loader = DataLoader(data.score_train_ds, batch_size=BATCH_SIZE, shuffle=False)
+    train_loader = DataLoader(data.score_train_ds, batch_size=SCORE_BATCH, shuffle=False)
     test_batch = tuple(data.test_ds.tensors)  # TracInCPFast.influence takes a single batch (tuple)
     tracin = TracInCPFast(model, final_fc_layer=model[4], train_dataset=train_loader, checkpoints=ck.captum_files,
                           checkpoints_load_func=_captum_load_func, loss_fn=nn.CrossEntropyLoss(reduction="sum"),
@@ -389,8 +396,8 @@ def method_dattri(ck: Checkpoints, data: Data) -> dict:
     task = AttributionTask(loss_func=loss_func, model=model, checkpoints=ck.dattri_files)
     attributor = TracInAttributor(task=task, weight_list=torch.tensor(ck.learning_rates, dtype=torch.float32),
                                   normalized_grad=False, projector_kwargs={"proj_type": "identity"}, device="cpu")
-    train_loader = DataLoader(data.score_train_ds, batch_size=BATCH_SIZE, shuffle=False)
-    test_loader = DataLoader(data.test_ds, batch_size=BATCH_SIZE, shuffle=False)
+    train_loader = DataLoader(data.score_train_ds, batch_size=SCORE_BATCH, shuffle=False)
+    test_loader = DataLoader(data.test_ds, batch_size=SCORE_BATCH, shuffle=False)
     return {
         "self": (lambda: attributor.self_attribute(train_loader), _t2np),
         "pair": (lambda: attributor.attribute(train_loader, test_loader).T, _t2np),
@@ -518,8 +525,9 @@ def format_table(results: dict[str, dict]) -> str:
                 f"{r['rel_err']:>9.2e}  {m.ref}" + ("" if r["sign_agrees"] else "  SIGN FLIPPED"))
     lines.append("")
     lines.append("ratio = method median time / hessfree median time for the same quantity (last-layer rows: vs "
-                 "hessfree params='last_layer'). +RSS = max over repeats of (psutil-sampled peak RSS - RSS "
-                 "before); +HWM = same with the kernel's exact peak (VmHWM, reset before each call). rel err = "
+                 "hessfree params='last_layer'). Timed calls run alone; memory comes from one extra call: +RSS = "
+                 "psutil-sampled peak RSS - RSS before; +HWM = same with the kernel's exact peak (VmHWM, reset "
+                 "before the call). rel err = "
                  "max|x-ref|/max|ref| against the float64 reference named in 'vs' (all = all parameters, "
                  "last_wb = last layer weight+bias, last_w = last layer weight only).")
     return "\n".join(lines)
@@ -557,6 +565,8 @@ def write_json(path: Path, payload: dict) -> None:
 # ----------------------------------------------------------------------------- main
 def run_benchmark(args: argparse.Namespace,
                   make_checkpoints: Callable[[Data, Path], Checkpoints] = train_with_hessfree) -> dict:
+    global SCORE_BATCH
+    SCORE_BATCH = args.score_batch
     torch.set_num_threads(args.threads)
     print(f"load average at start: {_loadavg()} on {os.cpu_count()} CPUs (other processes competing for the "
           "CPUs distort the timings; the JSON keeps the load average before/after each method)", flush=True)
@@ -590,13 +600,16 @@ def run_benchmark(args: argparse.Namespace,
             "training": f"hessfree.fit(loss='cross_entropy', lr={LR}, epochs={EPOCHS}, batch_size={BATCH_SIZE}, "
                         f"checkpoint_every=<{CHECKPOINT_EPOCHS} epochs of steps>, seed=0)",
             "n_checkpoints": len(ck.states), "learning_rates": ck.learning_rates,
+            "score_batch_size": SCORE_BATCH,
             "self_influence": "sum_k eta_k ||g_i(theta_k)||^2, shape (N,)",
             "pairwise": "sum_k eta_k g_i(theta_k) . grad l(z'_j; theta_k), shape (n_test, n_train)",
             "gradient": "per-sample cross-entropy loss (mean over one sample), model in eval mode",
         },
         "measurement": {
-            "repeats": repeats, "timing": "median wall-clock (time.perf_counter) around the scoring call only",
-            "memory": "peak RSS sampled every 5 ms by a psutil background thread minus RSS just before the call "
+            "repeats": repeats, "timing": "median wall-clock (time.perf_counter) around the scoring call only; "
+                      "the timed calls run with no sampling thread",
+            "memory": "one further call: peak RSS sampled every 5 ms by a psutil background thread minus RSS just "
+                      "before the call "
                       "(gc.collect + malloc_trim first); also the kernel VmHWM peak (reset via "
                       "/proc/self/clear_refs) as an exact cross-check",
             "error": "max|x - ref| / max|ref| against a float64 per-sample torch.autograd.grad loop",
@@ -616,6 +629,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: score {QUICK_N_TRAIN} train x {QUICK_N_TEST} test samples")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
+    p.add_argument("--score-batch", type=int, default=SCORE_BATCH,
+                   help="batch size every library scores with (default 256, the training batch)")
     p.add_argument("--only", nargs="*", choices=[m.key for m in METHODS], help="run only these methods")
     return p.parse_args(argv)
 

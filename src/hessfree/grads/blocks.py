@@ -180,3 +180,27 @@ class BatchGrads:
     def dot(self, q: dict[str, Tensor]) -> Tensor:
         """(B,) inner products with one dense gradient ``q`` (parameter name -> tensor)."""
         return sum(b.dot(q) for b in self.blocks)  # type: ignore[return-value]
+
+
+def concat(parts: list[BatchGrads]) -> BatchGrads | None:
+    """One BatchGrads holding the samples of ``parts`` (in order), or None if their shapes differ
+    (e.g. sequences of different lengths)."""
+    if len(parts) == 1:
+        return parts[0]
+    blocks: list[Block] = []
+    for group in zip(*(p.blocks for p in parts)):
+        first = group[0]
+        if isinstance(first, LinearBlock):
+            if len({b.g.shape[1] for b in group}) != 1:  # type: ignore[union-attr]
+                return None
+            a = None if first.a is None else torch.cat([b.a for b in group])  # type: ignore[union-attr,misc]
+            blocks.append(LinearBlock(a, torch.cat([b.g for b in group]), first.weight, first.bias,
+                                      first.weight_shape))
+        elif isinstance(first, EmbeddingBlock):
+            if len({b.ids.shape[1] for b in group}) != 1:  # type: ignore[union-attr]
+                return None
+            blocks.append(EmbeddingBlock(torch.cat([b.ids for b in group]),  # type: ignore[union-attr]
+                                         torch.cat([b.g for b in group]), first.weight))
+        else:
+            blocks.append(DenseBlock(torch.cat([b.G for b in group]), first.names))  # type: ignore[union-attr]
+    return BatchGrads(blocks, torch.cat([p.losses for p in parts]))

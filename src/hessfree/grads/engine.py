@@ -101,7 +101,8 @@ class GradientEngine:
         self._wrapper = _TaskModule(model, task)
         self._hooks: list[Any] = []
         self._capturing = False
-        self._captures: dict[str, list[tuple[Tensor, Tensor]]] = defaultdict(list)
+        self._captures: dict[str, list[tuple[Tensor, Tensor, int]]] = defaultdict(list)
+        self._clone_outputs = False
         self._checked = False
         self._was_training = model.training
         self._state: dict[str, Tensor] = {}
@@ -160,10 +161,11 @@ class GradientEngine:
         def hook(module: nn.Module, inputs: tuple, output: Tensor):
             if not self._capturing or mod_name not in self.rules:
                 return None
-            self._captures[mod_name].append((inputs[0].detach(), output))
-            # Later in-place ops (e.g. ReLU(inplace=True)) act on the clone, so ``output`` keeps its
-            # place in the graph and its gradient is the layer's own output gradient.
-            return output.clone()
+            self._captures[mod_name].append((inputs[0].detach(), output, output._version))
+            # An in-place op on the output (e.g. ReLU(inplace=True)) would move it in the graph, and
+            # its gradient would no longer be the layer's. batch_grads sees that from the version
+            # counter and switches to handing the rest of the model a clone instead.
+            return output.clone() if self._clone_outputs else None
         return hook
 
     def bind(self, state: dict[str, Tensor]) -> None:
@@ -210,6 +212,10 @@ class GradientEngine:
             outputs = self.forward(inputs)
         finally:
             self._capturing = False
+        if not self._clone_outputs and any(out._version != v for calls in self._captures.values()
+                                           for _, out, v in calls):
+            self._clone_outputs = True
+            return self.batch_grads(batch, ids, validate)
         if validate:
             self.task.validate(outputs, targets, ids)
         losses = self.task.per_sample_loss(outputs, targets)
@@ -226,7 +232,7 @@ class GradientEngine:
             gouts = torch.autograd.grad(total, outs, allow_unused=True) if outs else []
             per_module: dict[str, list[tuple[Tensor, Tensor]]] = defaultdict(list)
             for (m, i), go in zip(order, gouts):
-                x, out = self._captures[m][i]
+                x, out, _ = self._captures[m][i]
                 per_module[m].append((x, go if go is not None else torch.zeros_like(out)))
             self._captures.clear()
             for m, e in list(self.rules.items()):

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from hessfree.datasets import as_index, dataset_size, iter_batches, sample_ids
+from hessfree.grads.blocks import BatchGrads, concat
 from hessfree.grads.engine import _check_finite
 from hessfree.grads.select import ParamSpec
 from hessfree.methods.common import Scorer, check_labels
@@ -98,8 +99,8 @@ def pairwise_influence(run: Run, train_dataset: Dataset, test_dataset: Dataset, 
             if first:
                 test_checked = check_labels(sc.engine, test_dataset)
                 first = False
-            tests = [(p, sc.engine.batch_grads(b, test_ids[p], validate=not test_checked))
-                     for p, b in iter_batches(test_dataset, batch_size)]
+            tests = _merged([(p, sc.engine.batch_grads(b, test_ids[p], validate=not test_checked))
+                             for p, b in iter_batches(test_dataset, batch_size)])
             for pos, _, tr in sc.train_batches():
                 for rows, te in tests:
                     block = te.gram(tr).detach()  # (B_test, B_train)
@@ -112,3 +113,28 @@ def pairwise_influence(run: Run, train_dataset: Dataset, test_dataset: Dataset, 
                         out[r[:, None], c[None, :]] += eta * block.double()
         meta = sc.meta(n_test=m, goal="minimize")
     return Scores(out.cpu().numpy(), sc.ids, meta, test_ids=test_ids)
+
+
+_MERGE_SAMPLES = 4096
+
+
+def _merged(tests: list[tuple[np.ndarray, BatchGrads]]) -> list[tuple[np.ndarray, BatchGrads]]:
+    """Join consecutive test batches into chunks of up to _MERGE_SAMPLES samples: fewer, larger
+    products per training batch (test gradients are factorised, so a chunk stays small)."""
+    out: list[tuple[np.ndarray, BatchGrads]] = []
+    group: list[tuple[np.ndarray, BatchGrads]] = []
+
+    def flush() -> None:
+        joined = concat([g for _, g in group]) if group else None
+        if joined is not None:
+            out.append((np.concatenate([p for p, _ in group]), joined))
+        else:
+            out.extend(group)
+        group.clear()
+
+    for item in tests:
+        if group and sum(len(p) for p, _ in group) + len(item[0]) > _MERGE_SAMPLES:
+            flush()
+        group.append(item)
+    flush()
+    return out
