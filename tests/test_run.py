@@ -21,15 +21,6 @@ from helpers import brute_grads, mlp, rel_err, tabular
 Q = dict(progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin contention on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def lr_schedule(t):
     return 0.3 / (1 + 0.5 * t)
 
@@ -414,3 +405,18 @@ def test_fit_wrapper_model_with_module_prefix(tmp_path):
 
     run = hessfree.fit(Wrapped(), tabular(n=8), batch_size=4, run_dir=tmp_path / "r", **Q)
     assert len(run) == 1
+
+
+def test_scoring_puts_the_model_back_after_an_error():
+    data = tabular(n=12, seed=0)
+    run = hessfree.fit(mlp(0), data, epochs=1, batch_size=4, **Q)
+    model = run.model
+    model.train()
+    before = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
+    bad = TensorDataset(data.tensors[0].clone(), data.tensors[1])
+    bad.tensors[0][5] = float("nan")
+    with pytest.raises(hessfree.NonFiniteError, match="sample id"):
+        hessfree.self_influence(run, bad, **Q)
+    assert model.training
+    for n, p in model.named_parameters():
+        assert p is before[n][0] and torch.equal(p, before[n][1])

@@ -16,14 +16,6 @@ VALUES = np.array([0.5, -1.0, 2.0, -1.0, 0.0, 2.0])
 IDS = np.array([60, 51, 42, 33, 24, 15])  # descending: a tie must be broken by position, not by id
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def scores(kind="influence", goal="minimize", values=VALUES, ids=IDS, **kw):
     return Scores(values, ids, {"kind": kind, "goal": goal}, **kw)
 
