@@ -31,7 +31,6 @@ Needs the ``bench`` extra: ``pip install -e ".[bench]" torch==2.13.0``
 from __future__ import annotations
 
 import argparse
-import copy
 import ctypes
 import gc
 import json

@@ -43,6 +43,17 @@ class TokenModel(nn.Module):
         return self.head(h.mean(1))
 
 
+class Wrapped(nn.Module):
+    """A model whose own parameter names all start with 'module.' (like nn.DataParallel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.module = mlp(0)
+
+    def forward(self, x):
+        return self.module(x)
+
+
 def tabular(n: int = 40, d: int = 6, classes: int = 3, seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     return TensorDataset(torch.randn(n, d, generator=g), torch.randint(0, classes, (n,), generator=g))

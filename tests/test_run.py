@@ -16,7 +16,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 import hessfree
 from hessfree import RunDirectoryError, targets
 from hessfree.grads.select import select_parameters
-from helpers import brute_grads, mlp, rel_err, tabular
+from helpers import Wrapped, brute_grads, mlp, rel_err, tabular
 
 Q = dict(progress=False)
 
@@ -395,14 +395,6 @@ def test_float64_end_to_end(tmp_path):
 
 
 def test_fit_wrapper_model_with_module_prefix(tmp_path):
-    class Wrapped(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.module = mlp(0)
-
-        def forward(self, x):
-            return self.module(x)
-
     run = hessfree.fit(Wrapped(), tabular(n=8), batch_size=4, run_dir=tmp_path / "r", **Q)
     assert len(run) == 1
 

@@ -5,7 +5,7 @@ chain of them) they are the indices into the underlying dataset, so users never 
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 import torch

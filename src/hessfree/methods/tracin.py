@@ -28,7 +28,6 @@ from hessfree.methods.common import Scorer, check_labels
 from hessfree.run import Run
 from hessfree.scores import Scores
 from hessfree.targets import Loss, Target
-from hessfree.errors import InputError
 
 
 def self_influence(run: Run, train_dataset: Dataset, *, params: ParamSpec = "all",
