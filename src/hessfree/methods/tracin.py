@@ -64,6 +64,7 @@ def influence(run: Run, train_dataset: Dataset, target: Target | Dataset, *, par
     if not isinstance(target, Target):
         target = Loss(target)
     target.validate()
+    target.check_model(run.model)
     with Scorer(run, train_dataset, params=params, checkpoints=checkpoints, batch_size=batch_size, dtype=dtype,
                 device=device, progress=progress, method="influence", ghost=ghost) as sc:
         out = torch.zeros(sc.n, dtype=torch.float64, device=sc.engine.device)
