@@ -26,3 +26,29 @@ def flip_labels(labels, fraction: float, *, num_classes: int | None = None, seed
     mask = np.zeros(len(y), dtype=bool)
     mask[idx] = True
     return y, mask
+
+
+def flip_labels_class_dependent(labels, transition, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Class-dependent ("asymmetric") noise: a sample of class i becomes class j with probability
+    ``transition[i, j]`` (a row-stochastic (K, K) matrix; the diagonal is the keep probability).
+
+    A dict ``{i: (j, rate)}`` is accepted as shorthand: class i flips to j with probability rate.
+    Returns ``(noisy_labels, flipped_mask)``; the same seed gives the same flips.
+    """
+    y = np.asarray(labels).astype(np.int64).copy()
+    if y.ndim != 1 or len(y) == 0 or y.min() < 0:
+        raise InputError("labels must be a non-empty 1-D array of class indices")
+    if isinstance(transition, dict):
+        k = int(max(y.max(), *(max(i, j) for i, (j, _) in transition.items()))) + 1
+        T = np.eye(k)
+        for i, (j, rate) in transition.items():
+            T[i, i], T[i, j] = 1 - rate, rate
+    else:
+        T = np.asarray(transition, dtype=float)
+    k = T.shape[0]
+    if T.ndim != 2 or T.shape != (k, k) or (T < 0).any() or not np.allclose(T.sum(1), 1) or y.max() >= k:
+        raise InputError("transition must be a row-stochastic (K, K) matrix covering every label")
+    rng = np.random.default_rng(seed)
+    u = rng.random(len(y))
+    new = (u[:, None] < np.cumsum(T[y], 1)).argmax(1)
+    return new, new != y
