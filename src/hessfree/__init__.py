@@ -16,6 +16,7 @@ outlier-kind scores: higher = more suspicious.
 from hessfree import baselines, data, metrics, targets
 from hessfree.errors import (CheckpointMismatchError, HessfreeError, InputError, LabelError, NonFiniteError,
                              ParameterSelectionError, RunDirectoryError)
+from hessfree.methods.ensemble import ensemble
 from hessfree.methods.tracin import influence, pairwise_influence, self_influence
 from hessfree.run import Run, fit
 from hessfree.scores import Scores
@@ -25,7 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "fit", "Run", "Task", "CrossEntropy", "BCEWithLogits", "Scores", "targets", "baselines", "data", "metrics",
-    "self_influence", "influence", "pairwise_influence",
+    "self_influence", "influence", "pairwise_influence", "ensemble",
     "HessfreeError", "InputError", "CheckpointMismatchError", "ParameterSelectionError", "LabelError",
     "NonFiniteError", "RunDirectoryError",
 ]
