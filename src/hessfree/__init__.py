@@ -14,6 +14,7 @@ removed (loss target: positive = helpful, negative = harmful); self-influence an
 outlier-kind scores: higher = more suspicious.
 """
 from hessfree import baselines, data, metrics, targets
+from hessfree.evaluate.retrain import TrimResult, evaluate_model, trim_and_retrain
 from hessfree.errors import (CheckpointMismatchError, HessfreeError, InputError, LabelError, NonFiniteError,
                              ParameterSelectionError, RunDirectoryError)
 from hessfree.methods.ensemble import ensemble
@@ -26,7 +27,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "fit", "Run", "Task", "CrossEntropy", "BCEWithLogits", "Scores", "targets", "baselines", "data", "metrics",
-    "self_influence", "influence", "pairwise_influence", "ensemble",
+    "self_influence", "influence", "pairwise_influence", "ensemble", "trim_and_retrain", "evaluate_model",
+    "TrimResult",
     "HessfreeError", "InputError", "CheckpointMismatchError", "ParameterSelectionError", "LabelError",
     "NonFiniteError", "RunDirectoryError",
 ]
