@@ -83,6 +83,13 @@ def one_file(name: str, data_dir, seeds: list[int]) -> dict:
                      checkpoint_every=-(-len(clean_ds) // BATCH) * EPOCHS, seed=seed, progress=False)
         clean.append(hessfree.evaluate_model(m, test, hessfree.BCEWithLogits(), z["s_test"]))
     summary = trim.summary()
+    if best != REMOVE_BY:  # also the literal reading: remove the top-k of the best-by-AUROC score
+        best_trim = hessfree.trim_and_retrain(scores[best], train, test, model_fn=model_fn(d), k=k, loss="bce",
+                                              lr=LR, epochs=EPOCHS, batch_size=BATCH, seeds=seeds,
+                                              sensitive_test=z["s_test"])
+        summary["trimmed by best score"] = best_trim.summary()["trimmed"]
+    else:
+        summary["trimmed by best score"] = summary["trimmed"]
     summary["clean-trained"] = {m: (float(np.mean([c[m] for c in clean])), float(np.std([c[m] for c in clean])))
                                 for m in clean[0]}
     return {"n_scored": len(tr), "n_validation": len(va), "k_poisoned": k, "fit_s": fit_s,
