@@ -66,9 +66,14 @@ class LinearBlock:
     def sq_norms(self) -> Tensor:
         g = self.g
         T, d_out = g.shape[1], g.shape[2]
-        if T == 1:
-            aa = torch.linalg.vecdot(self.a[:, 0], self.a[:, 0]) + self._one if self.a is not None else self._one
-            return aa * torch.linalg.vecdot(g[:, 0], g[:, 0])
+        if T == 1:  # (|a|² + [bias]) |g|², in three ops
+            g2 = g.view(g.shape[0], d_out)
+            gg = torch.linalg.vecdot(g2, g2)
+            if self.a is None:
+                return gg
+            a2 = self.a.view(self.a.shape[0], self.a.shape[2])
+            aa = torch.linalg.vecdot(a2, a2)
+            return torch.addcmul(gg, aa, gg) if self.bias is not None else aa * gg
         if T * T * (self.d_in + d_out) <= self.d_in * d_out:
             aa = self._input_products(self, "btd,bsd->bts")
             return (aa * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
@@ -171,7 +176,10 @@ class BatchGrads:
         return self.losses.shape[0]
 
     def sq_norms(self) -> Tensor:
-        return sum(b.sq_norms() for b in self.blocks)  # type: ignore[return-value]
+        total = self.blocks[0].sq_norms()
+        for b in self.blocks[1:]:
+            total = total + b.sq_norms()
+        return total
 
     def gram(self, other: "BatchGrads") -> Tensor:
         """(B, M) inner products between this batch's samples and ``other``'s."""

@@ -199,10 +199,12 @@ class GradientEngine:
         gs = torch.autograd.grad(scalar, leaves, allow_unused=True, retain_graph=retain_graph)
         return {n: (g if g is not None else torch.zeros_like(p)) for n, p, g in zip(self.names, leaves, gs)}
 
-    def batch_grads(self, batch: Any, ids: Any = None, validate: bool = True) -> BatchGrads:
+    def batch_grads(self, batch: Any, ids: Any = None, validate: bool = True, check_loss: bool = True) -> BatchGrads:
         """Per-sample gradients of one collated batch; ``ids`` name samples in error messages.
 
-        ``validate=False`` skips the label check (for datasets whose labels were all checked).
+        ``validate=False`` skips the label check (for datasets whose labels were all checked);
+        ``check_loss=False`` skips the finite-loss check (for callers that check the finished
+        per-sample scores, which a non-finite loss makes non-finite too).
         """
         inputs, targets = self.prepare(batch)
         B = batch_len(inputs)
@@ -215,13 +217,14 @@ class GradientEngine:
         if not self._clone_outputs and any(out._version != v for calls in self._captures.values()
                                            for _, out, v in calls):
             self._clone_outputs = True
-            return self.batch_grads(batch, ids, validate)
+            return self.batch_grads(batch, ids, validate, check_loss)
         if validate:
             self.task.validate(outputs, targets, ids)
         losses = self.task.per_sample_loss(outputs, targets)
         if losses.shape != (B,):
             raise ValueError(f"Task.per_sample_loss must return shape ({B},), got {tuple(losses.shape)}")
-        _check_finite(losses, ids, "loss")
+        if check_loss:
+            _check_finite(losses, ids, "loss")
         blocks: list[Block] = []
         if self.rules:
             check = not self._checked
@@ -243,7 +246,7 @@ class GradientEngine:
                 if bad:
                     for m in bad:
                         self._demote(m, "its weights are used outside its own forward (or the sum check failed)")
-                    return self.batch_grads(batch, ids, validate)
+                    return self.batch_grads(batch, ids, validate, check_loss)
         if self.fallback:
             blocks.append(self._vmap_block(inputs, targets, B))
         return BatchGrads(blocks, losses.detach())

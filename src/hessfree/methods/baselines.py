@@ -74,7 +74,7 @@ def grand(run: Run, dataset: Dataset, *, params: ParamSpec = "all", checkpoints:
         for _ in sc.checkpoints():
             for pos, _, grads in sc.train_batches():
                 sq = grads.sq_norms().detach()
-                _check_finite(sq, sc.ids[pos], "gradient norm")
+                _check_finite(sq, sc.ids[pos], "loss or gradient")
                 sc.add(out, pos, sq.double().clamp_min(0).sqrt(), 1 / len(sc.ks))
         meta = sc.meta(kind="outlier")
     return Scores(out.cpu().numpy(), sc.ids, meta)

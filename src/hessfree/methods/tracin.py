@@ -45,7 +45,7 @@ def self_influence(run: Run, train_dataset: Dataset, *, params: ParamSpec = "all
         for _, eta in sc.checkpoints():
             for pos, _, grads in sc.train_batches():
                 sq = grads.sq_norms()
-                _check_finite(sq, sc.ids[pos], "gradient norm")
+                _check_finite(sq, sc.ids[pos], "loss or gradient")
                 sc.add(out, pos, sq, eta)
         meta = sc.meta(kind="outlier", goal="minimize")
     return Scores(out.cpu().numpy(), sc.ids, meta)
@@ -73,7 +73,7 @@ def influence(run: Run, train_dataset: Dataset, target: Target | Dataset, *, par
             _check_finite(torch.stack([v.abs().sum() for v in q.values()]), None, "target gradient")
             for pos, _, grads in sc.train_batches():
                 s = grads.dot(q)
-                _check_finite(s, sc.ids[pos], "gradient")
+                _check_finite(s, sc.ids[pos], "loss or gradient")
                 sc.add(out, pos, s, eta)
         meta = sc.meta(target=target.describe(), goal=target.goal)
     return Scores(out.cpu().numpy(), sc.ids, meta)
@@ -104,7 +104,7 @@ def pairwise_influence(run: Run, train_dataset: Dataset, test_dataset: Dataset, 
             for pos, _, tr in sc.train_batches():
                 for rows, te in tests:
                     block = te.gram(tr).detach()  # (B_test, B_train)
-                    _check_finite(block.sum(0), sc.ids[pos], "gradient")
+                    _check_finite(block.sum(0), sc.ids[pos], "loss or gradient")
                     r, c = as_index(rows), as_index(pos)
                     if isinstance(r, slice) and isinstance(c, slice):
                         out[r, c].add_(block, alpha=eta)
