@@ -15,8 +15,6 @@ Writes benchmarks/results/adversarial.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,6 +28,7 @@ from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
 import hessfree
+from hessfree.io import write_json
 from hessfree import targets
 from hessfree.grads.engine import GradientEngine
 
@@ -113,11 +112,9 @@ def main() -> int:
                 print(f"{m:<20}{mu:>8.4f} ± {sd:.4f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"command": "benchmarks/adversarial.py " + " ".join(sys.argv[1:]),
+    write_json(out, {"command": "benchmarks/adversarial.py " + " ".join(sys.argv[1:]),
                                "settings": {"epochs": EPOCHS, "lr": LR, "batch_size": BATCH, "remove": REMOVE},
-                               "seconds": time.perf_counter() - t0, "results": results}, indent=2))
-    os.replace(tmp, out)
+                               "seconds": time.perf_counter() - t0, "results": results})  # temp file + rename
     print(f"\nwrote {out} ({time.perf_counter() - t0:.0f} s)")
     return 0
 

@@ -6,7 +6,6 @@ Usage: .venv/bin/python benchmarks/demo_seeds.py [--seeds 10] [--out benchmarks/
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from hessfree.io import write_json
 
 from hessfree.workflows.demo import DemoConfig, run_demo
 
@@ -45,11 +46,8 @@ def main() -> int:
         print(f"{m:<24}{r.mean():>15.3f} ± {r.std():.3f}{r.min():>7.3f}{r.max():>7.3f}{a.mean():>12.4f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps({"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-                                   "config": DemoConfig().__dict__, "per_seed": per_seed, "summary": summary},
-                                  indent=2, default=float))
-    os.replace(tmp_out, out)
+    write_json(out, {"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+                                   "config": DemoConfig().__dict__, "per_seed": per_seed, "summary": summary})  # temp file + rename
     return 0
 
 

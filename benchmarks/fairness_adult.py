@@ -17,8 +17,6 @@ Writes benchmarks/results/fairness_adult.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,6 +29,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import hessfree
+from hessfree.io import write_json
 from hessfree import targets
 
 FRACTIONS = (0.01, 0.05, 0.10)
@@ -158,11 +157,9 @@ def main() -> int:
                     print(f"{frac:<9}{method:<15}" + "".join(f"{c[0]:>10.4f}±{c[1]:<6.4f}" for c in cells))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"command": "benchmarks/fairness_adult.py " + " ".join(sys.argv[1:]),
+    write_json(out, {"command": "benchmarks/fairness_adult.py " + " ".join(sys.argv[1:]),
                                "seconds": time.perf_counter() - t0, "n_train": n, "n_val": len(va_idx),
-                               "n_test": len(te_idx), "results": results}, indent=2, default=float))
-    os.replace(tmp, out)
+                               "n_test": len(te_idx), "results": results})  # temp file + rename
     print(f"\nwrote {out} ({time.perf_counter() - t0:.0f} s)")
     return 0
 

@@ -16,8 +16,6 @@ Writes benchmarks/results/poisoning.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +27,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import hessfree
+from hessfree.io import write_json
 from hessfree import targets
 
 EPOCHS, LR, BATCH = 100, 0.1, 64
@@ -122,13 +121,11 @@ def main() -> int:
                   f"{v['abs_dp_gap'][0]:>10.4f} ± {v['abs_dp_gap'][1]:.4f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"command": "benchmarks/poisoning.py " + " ".join(sys.argv[1:]),
+    write_json(out, {"command": "benchmarks/poisoning.py " + " ".join(sys.argv[1:]),
                                "settings": {"model": "logistic regression nn.Linear(d, 1), BCE", "epochs": EPOCHS,
                                             "lr": LR, "batch_size": BATCH, "checkpoints": 5,
                                             "split": "poisoned train 80/20 stratified, random_state=0"},
-                               "results": results}, indent=2))
-    os.replace(tmp, out)
+                               "results": results})  # temp file + rename
     print(f"\nwrote {out}")
     return 0
 
