@@ -5,10 +5,10 @@ must: squared norms (B,), inner products with another batch's block of the same 
 and inner products with one dense parameter-shaped vector (B,).
 
 - :class:`LinearBlock` — a weight (and/or bias) used as ``y_t = W a_t + b`` at positions t:
-  per-sample gradient ``G_i = Σ_t g_it a_itᵀ`` kept as the factors ``a`` (B, T, d_in[+1]) and
+  per-sample gradient ``G_i = Σ_t g_it a_itᵀ`` kept as the factors ``a`` (B, T, d_in) and
   ``g`` (B, T, d_out). nn.Linear (any leading dims) and nn.Conv2d (via unfold) both land here.
-  The bias is folded in as a column of ones. For T = 1 the inner product of two samples is
-  ``(a·a')(g·g')``; for T > 1 the "mixed ghost" rule picks the factorised form
+  The bias acts as a weight on a constant input 1 (it adds 1 to every input inner product).
+  For T = 1 the inner product of two samples is ``(a·a' + 1)(g·g')``; for T > 1 the "mixed ghost" rule picks the factorised form
   ``Σ_{t,s}(a_t·a'_s)(g_t·g'_s)`` (cost ∝ T·S·(d_in+d_out)) or the materialised
   ``d_out×d_in`` gradient (cost ∝ d_in·d_out), whichever is cheaper.
 - :class:`EmbeddingBlock` — gradient rows at the looked-up ids: ``Σ_{t,s}[id_t = id'_s](g_t·g'_s)``.
