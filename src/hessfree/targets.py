@@ -19,6 +19,18 @@ if TYPE_CHECKING:
     from hessfree.grads.engine import GradientEngine
 
 
+def summed_gradient(engine: "GradientEngine", parts) -> dict[str, Tensor]:
+    """∇ Σ_b part_b, one part (e.g. one batch's share of f) at a time, so only one batch's graph
+    is alive at once. ``parts`` is an iterable of scalar tensors."""
+    total: dict[str, Tensor] | None = None
+    for part in parts:
+        g = engine.dense_grad(part)
+        total = g if total is None else {k: total[k] + g[k] for k in total}
+    if total is None:
+        raise InputError("the target has no data to differentiate")
+    return total
+
+
 class Target:
     """Subclass: set ``goal`` and implement ``value(engine)`` returning the scalar f(θ)."""
 
@@ -60,18 +72,17 @@ class Loss(Target):
                            ).sum() / n
 
     def gradient(self, engine: "GradientEngine") -> dict[str, Tensor]:
-        # Accumulate batch by batch so the graph of one batch is freed before the next.
         n = dataset_size(self.dataset, "target dataset")
-        total: dict[str, Tensor] | None = None
         ids = sample_ids(self.dataset)
-        for pos, batch in iter_batches(self.dataset, self.batch_size):
-            inputs, targets = engine.prepare(batch)
-            outputs = engine.forward(inputs)
-            engine.task.validate(outputs, targets, ids[pos])
-            part = engine.dense_grad(engine.task.per_sample_loss(outputs, targets).sum() / n)
-            total = part if total is None else {k: total[k] + part[k] for k in total}
-        assert total is not None
-        return total
+
+        def parts():
+            for pos, batch in iter_batches(self.dataset, self.batch_size):
+                inputs, targets = engine.prepare(batch)
+                outputs = engine.forward(inputs)
+                engine.task.validate(outputs, targets, ids[pos])
+                yield engine.task.per_sample_loss(outputs, targets).sum() / n
+
+        return summed_gradient(engine, parts())
 
     def describe(self) -> dict[str, Any]:
         return {"name": "Loss", "goal": self.goal, "n": dataset_size(self.dataset, "target dataset")}
@@ -190,12 +201,7 @@ class _GroupGap(Target):
     def gradient(self, engine: "GradientEngine") -> dict[str, Tensor]:
         with torch.no_grad():
             sign = 1.0 if float(self.signed(engine)) >= 0 else -1.0
-        total: dict[str, Tensor] | None = None
-        for part in self._signed_parts(engine):  # batch by batch: one graph alive at a time
-            g = engine.dense_grad(sign * part)
-            total = g if total is None else {k: total[k] + g[k] for k in total}
-        assert total is not None
-        return total
+        return summed_gradient(engine, (sign * part for part in self._signed_parts(engine)))
 
     def describe(self) -> dict[str, Any]:
         return {"name": type(self).__name__, "goal": self.goal, "positive_class": self.positive_class,
@@ -347,12 +353,8 @@ class Robustness(Target):
 
     def gradient(self, engine: "GradientEngine") -> dict[str, Tensor]:
         n = dataset_size(self.dataset, "target dataset")
-        total: dict[str, Tensor] | None = None
-        for x, y in self.attacked(engine):
-            g = engine.dense_grad(engine.task.per_sample_loss(engine.forward(x), y).sum() / n)
-            total = g if total is None else {k: total[k] + g[k] for k in total}
-        assert total is not None
-        return total
+        return summed_gradient(engine, (engine.task.per_sample_loss(engine.forward(x), y).sum() / n
+                                        for x, y in self.attacked(engine)))
 
     def describe(self) -> dict[str, Any]:
         return {"name": "Robustness", "goal": self.goal, **self.attack.describe()}
