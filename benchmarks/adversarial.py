@@ -41,8 +41,7 @@ MODELS = {
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float(((model(x).reshape(-1) > 0).float() == y).float().mean())
+    return hessfree.evaluate_model(model, TensorDataset(x, y), hessfree.BCEWithLogits())["accuracy"]
 
 
 def attack(model: nn.Module, atk, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

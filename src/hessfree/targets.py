@@ -175,9 +175,7 @@ class _GroupGap(Target):
         raise NotImplementedError
 
     def validate(self) -> None:
-        n = dataset_size(self.dataset, "target dataset")
-        _binary_mask(self.sensitive, n, "sensitive")
-        self._w = self.weights()
+        self._w = self.weights()  # checks the dataset, the sensitive mask and both groups
 
     def _phi(self, engine: "GradientEngine", outputs: Tensor, targets: Any) -> Tensor:
         return _positive_probability(outputs, self.positive_class)

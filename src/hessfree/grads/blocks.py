@@ -7,7 +7,8 @@ and inner products with one dense parameter-shaped vector (B,).
 - :class:`LinearBlock` — a weight (and/or bias) used as ``y_t = W a_t + b`` at positions t:
   per-sample gradient ``G_i = Σ_t g_it a_itᵀ`` kept as the factors ``a`` (B, T, d_in) and
   ``g`` (B, T, d_out). nn.Linear (any leading dims) and nn.Conv2d (via unfold) both land here.
-  The bias acts as a weight on a constant input 1 (it adds 1 to every input inner product).
+  The bias acts as a weight on a constant input 1 (it adds 1 to every input inner product, so
+  no ones column is ever concatenated to the activations).
   For T = 1 the inner product of two samples is ``(a·a' + 1)(g·g')``; for T > 1 the "mixed ghost" rule picks the factorised form
   ``Σ_{t,s}(a_t·a'_s)(g_t·g'_s)`` (cost ∝ T·S·(d_in+d_out)) or the materialised
   ``d_out×d_in`` gradient (cost ∝ d_in·d_out), whichever is cheaper.
@@ -39,8 +40,6 @@ class LinearBlock:
     weight_shape: tuple[int, ...] | None = None
     _dense: Tensor | None = field(default=None, repr=False)
 
-    # The bias acts as a weight column on a constant input 1: it adds 1 to every input inner
-    # product. Folding it in this way avoids concatenating a ones column to the activations.
     @property
     def _one(self) -> float:
         return 1.0 if self.bias is not None else 0.0

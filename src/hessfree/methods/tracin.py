@@ -99,18 +99,19 @@ def pairwise_influence(run: Run, train_dataset: Dataset, test_dataset: Dataset, 
             if first:
                 test_checked = check_labels(sc.engine, test_dataset)
                 first = False
-            tests = _merged([(p, sc.engine.batch_grads(b, test_ids[p], validate=not test_checked))
-                             for p, b in iter_batches(test_dataset, batch_size)])
+            tests = [(p, as_index(p), g) for p, g in _merged(
+                [(p, sc.engine.batch_grads(b, test_ids[p], validate=not test_checked))
+                 for p, b in iter_batches(test_dataset, batch_size)])]
             for pos, _, tr in sc.train_batches():
-                for rows, te in tests:
+                c = as_index(pos)
+                for rows, r, te in tests:
                     block = te.gram(tr).detach()  # (B_test, B_train)
                     _check_finite(block.sum(0), sc.ids[pos], "loss or gradient")
-                    r, c = as_index(rows), as_index(pos)
                     if isinstance(r, slice) and isinstance(c, slice):
                         out[r, c].add_(block, alpha=eta)
                     else:
-                        r, c = torch.as_tensor(rows, device=out.device), torch.as_tensor(pos, device=out.device)
-                        out[r[:, None], c[None, :]] += eta * block.double()
+                        ri, ci = torch.as_tensor(rows, device=out.device), torch.as_tensor(pos, device=out.device)
+                        out[ri[:, None], ci[None, :]] += eta * block.double()
         meta = sc.meta(n_test=m, goal="minimize")
     return Scores(out.cpu().numpy(), sc.ids, meta, test_ids=test_ids)
 

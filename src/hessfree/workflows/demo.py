@@ -24,6 +24,7 @@ from torch.utils.data import TensorDataset
 from hessfree import baselines
 from hessfree.data import flip_labels
 from hessfree.evaluate import metrics
+from hessfree.evaluate.retrain import evaluate_model
 from hessfree.io import write_json
 from hessfree.methods.tracin import self_influence
 from hessfree.run import fit
@@ -74,9 +75,7 @@ def run_demo(out_dir: str | os.PathLike = "results/demo", config: DemoConfig | N
               checkpoint_every=steps // cfg.n_checkpoints, seed=cfg.seed, run_dir=out / "run", overwrite=True,
               progress=progress)
     timing["fit_s"] = time.perf_counter() - t
-    with torch.no_grad():
-        x_te, y_te = data["test"].tensors
-        test_acc = float((model(x_te).argmax(1) == y_te).float().mean())
+    test_acc = evaluate_model(model, data["test"], run.task)["accuracy"]
 
     rows = []
     methods = {
