@@ -5,7 +5,7 @@ Public API (re-exported here):
 - recording: :func:`fit`, :class:`Run` (``Run.from_checkpoints``, ``Run.load``)
 - the loss contract: :class:`Task` (built-ins ``"cross_entropy"``, ``"bce"``)
 - methods: :func:`self_influence`, :func:`influence`, :func:`pairwise_influence`,
-  :mod:`hessfree.baselines`
+  :func:`ensemble`, :func:`outlier_scores` (Outlier Gradient Analysis), :mod:`hessfree.baselines`
 - targets: :mod:`hessfree.targets` (``Loss``, ``Prediction``)
 - results: :class:`Scores`; evaluation: :mod:`hessfree.metrics`
 
@@ -18,6 +18,7 @@ from hessfree.evaluate.retrain import TrimResult, evaluate_model, trim_and_retra
 from hessfree.errors import (CheckpointMismatchError, HessfreeError, InputError, LabelError, NonFiniteError,
                              ParameterSelectionError, RunDirectoryError)
 from hessfree.methods.ensemble import ensemble
+from hessfree.methods.outlier import outlier_scores
 from hessfree.methods.tracin import influence, pairwise_influence, self_influence
 from hessfree.run import Run, fit
 from hessfree.scores import Scores
@@ -27,7 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "fit", "Run", "Task", "CrossEntropy", "BCEWithLogits", "Scores", "targets", "baselines", "data", "metrics",
-    "self_influence", "influence", "pairwise_influence", "ensemble", "trim_and_retrain", "evaluate_model",
+    "self_influence", "influence", "pairwise_influence", "ensemble", "outlier_scores", "trim_and_retrain", "evaluate_model",
     "TrimResult",
     "HessfreeError", "InputError", "CheckpointMismatchError", "ParameterSelectionError", "LabelError",
     "NonFiniteError", "RunDirectoryError",

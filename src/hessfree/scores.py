@@ -69,13 +69,26 @@ class Scores:
         return -self.values
 
     def _top(self, k: int | float, key: np.ndarray) -> np.ndarray:
-        n = len(self.sample_ids)
-        if isinstance(k, float) and 0 < k < 1:
-            k = max(1, int(round(k * n)))
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
-            raise InputError(f"k must be an integer in [1, {n}] (or a fraction in (0, 1)), got {k!r}")
-        order = np.argsort(-key, axis=-1, kind="stable")[..., :k]  # stable: ties keep the lower position
-        return self.sample_ids[order]
+        k = resolve_k(k, len(self.sample_ids))
+        return self.sample_ids[_order(key)[..., :k]]
+
+    def flag(self, k: int | float | None = None) -> np.ndarray:
+        """Boolean mask (N,), aligned with ``sample_ids``, flagging exactly the k most suspicious.
+
+        Ranks by the continuous score (never a detector's ±1 prediction), ties broken stably
+        (the lower position first), so exactly k are flagged. ``k``: a count, a fraction of N in
+        (0, 1), or None for the budget given to the method (``outlier_scores(..., k=...)``).
+        """
+        if self.values.ndim != 1:
+            raise InputError("flag() needs one score per training sample; this is a matrix")
+        if k is None:
+            k = self.meta.get("flag_k")
+            if k is None:
+                raise InputError("give k (a count or a fraction of N): no flagging budget was set when scoring")
+        k = resolve_k(k, len(self.sample_ids))
+        mask = np.zeros(len(self.sample_ids), dtype=bool)
+        mask[_order(self.suspicion())[:k]] = True
+        return mask
 
     def harmful(self, k: int | float) -> np.ndarray:
         """Ids of the k most harmful / suspicious samples, most harmful first ((M, k) for a matrix)."""
@@ -119,6 +132,20 @@ class Scores:
             meta = json.loads(z["meta_json"].tobytes().decode())
             test_ids = z["test_ids"] if "test_ids" in z.files else None
             return cls(z["values"], z["sample_ids"], meta, test_ids)
+
+
+def resolve_k(k: Any, n: int) -> int:
+    """A budget as a count in [1, n]: an int, or a fraction in (0, 1) of n (rounded, at least 1)."""
+    if isinstance(k, (float, np.floating)) and 0 < k < 1:
+        return max(1, int(round(float(k) * n)))
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
+        raise InputError(f"k must be an integer in [1, {n}] (or a fraction in (0, 1)), got {k!r}")
+    return int(k)
+
+
+def _order(key: np.ndarray) -> np.ndarray:
+    """Positions from highest to lowest key along the last axis; ties keep the lower position first."""
+    return np.argsort(-key, axis=-1, kind="stable")
 
 
 def _jsonable(obj: Any) -> Any:

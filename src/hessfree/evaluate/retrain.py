@@ -91,11 +91,15 @@ def trim_and_retrain(scores: Scores, train_dataset: Dataset, test_dataset: Datas
                      model_fn: Callable[[], nn.Module], k: int | float, loss: str | Task = "cross_entropy",
                      lr: float | Callable[[int], float] = 0.1, epochs: int = 10, batch_size: int = 32,
                      seeds: Sequence[int] = (0, 1, 2, 3, 4), sensitive_test: Any = None, positive_class: int = 1,
+                     train_fn: Callable[[nn.Module, Dataset, int], Any] | None = None,
                      progress: bool = False) -> TrimResult:
     """Remove the k most harmful samples by ``scores`` (``scores.harmful(k)``; a fraction in (0, 1)
     means that share of N), retrain from scratch, and compare with no removal and with k random
     removals — each arm trained with the same seed (``torch.manual_seed(seed)`` before
     ``model_fn()``, and ``fit(seed=seed)`` for the batch order) and the same hyperparameters.
+
+    ``train_fn(model, dataset, seed)``, if given, trains each arm's model in place instead of
+    :func:`hessfree.fit` (e.g. with Adam); ``lr`` / ``epochs`` / ``batch_size`` are then unused.
 
     Returns a :class:`TrimResult` (per-seed rows; ``summary()`` gives mean ± std; ``table()``).
     """
@@ -124,9 +128,12 @@ def trim_and_retrain(scores: Scores, train_dataset: Dataset, test_dataset: Datas
             data = train_dataset if keep is None else Subset(train_dataset, keep.tolist())
             torch.manual_seed(seed)
             model = model_fn()
-            steps = -(-len(data) // batch_size) * epochs
-            fit(model, data, loss=task, lr=lr, epochs=epochs, batch_size=batch_size, checkpoint_every=steps,
-                seed=seed, progress=progress)
+            if train_fn is not None:
+                train_fn(model, data, seed)
+            else:
+                steps = -(-len(data) // batch_size) * epochs
+                fit(model, data, loss=task, lr=lr, epochs=epochs, batch_size=batch_size, checkpoint_every=steps,
+                    seed=seed, progress=progress)
             row = {"arm": arm, "seed": seed, **evaluate_model(model, test_dataset, task, sensitive_test,
                                                               positive_class)}
             row["train_s"] = time.perf_counter() - t0

@@ -105,6 +105,16 @@ class LinearBlock:
             val = val + q[self.bias].reshape(d_out)
         return (val * self.g).sum((1, 2))
 
+    def per_param(self) -> dict[str, Tensor]:
+        """Materialised per-sample gradients: parameter name -> (B, numel), in the parameter's own
+        (row-major) layout."""
+        out: dict[str, Tensor] = {}
+        if self.weight is not None:
+            out[self.weight] = torch.bmm(self.g.transpose(1, 2), self.a).flatten(1)  # type: ignore[arg-type]
+        if self.bias is not None:
+            out[self.bias] = self.g.sum(1)
+        return out
+
     def select(self, rows: Tensor | slice) -> "LinearBlock":
         return LinearBlock(self.a[rows] if self.a is not None else None, self.g[rows], self.weight, self.bias,
                            self.weight_shape)
@@ -115,6 +125,7 @@ class EmbeddingBlock:
     ids: Tensor  # (B, T) looked-up row ids
     g: Tensor  # (B, T, D) output gradients (zero at padding_idx positions)
     weight: str
+    vocab: int = 0  # rows of the embedding table (needed only to materialise)
 
     def sq_norms(self) -> Tensor:
         same = (self.ids[:, :, None] == self.ids[:, None, :]).to(self.g.dtype)
@@ -135,14 +146,26 @@ class EmbeddingBlock:
     def dot(self, q: dict[str, Tensor]) -> Tensor:
         return (q[self.weight][self.ids] * self.g).sum((1, 2))
 
+    def per_param(self) -> dict[str, Tensor]:
+        B, T, D = self.g.shape
+        V = self.vocab
+        if V < 1:
+            raise ValueError("this EmbeddingBlock was built without its vocabulary size")
+        dense = self.g.new_zeros(B, V, D)
+        flat = dense.view(B * V, D)
+        rows = (self.ids + torch.arange(B, device=self.ids.device)[:, None] * V).reshape(-1)
+        flat.index_add_(0, rows, self.g.reshape(B * T, D))
+        return {self.weight: dense.flatten(1)}
+
     def select(self, rows: Tensor | slice) -> "EmbeddingBlock":
-        return EmbeddingBlock(self.ids[rows], self.g[rows], self.weight)
+        return EmbeddingBlock(self.ids[rows], self.g[rows], self.weight, self.vocab)
 
 
 @dataclass
 class DenseBlock:
     G: Tensor  # (B, P) flattened per-sample gradients of the parameters in ``names`` order
     names: list[str]
+    sizes: list[int] | None = None  # numel of each parameter in ``names`` (needed only to split G)
 
     def sq_norms(self) -> Tensor:
         return self.G.pow(2).sum(1)
@@ -153,8 +176,13 @@ class DenseBlock:
     def dot(self, q: dict[str, Tensor]) -> Tensor:
         return self.G @ torch.cat([q[n].reshape(-1) for n in self.names])
 
+    def per_param(self) -> dict[str, Tensor]:
+        if self.sizes is None:
+            raise ValueError("this DenseBlock was built without its parameter sizes")
+        return dict(zip(self.names, self.G.split(self.sizes, 1)))
+
     def select(self, rows: Tensor | slice) -> "DenseBlock":
-        return DenseBlock(self.G[rows], self.names)
+        return DenseBlock(self.G[rows], self.names, self.sizes)
 
 
 Block = LinearBlock | EmbeddingBlock | DenseBlock
@@ -184,6 +212,14 @@ class BatchGrads:
         """(B, M) inner products between this batch's samples and ``other``'s."""
         return sum(b.gram(o) for b, o in zip(self.blocks, other.blocks))  # type: ignore[arg-type,return-value]
 
+    def dense(self, names: list[str]) -> Tensor:
+        """(B, P) materialised per-sample gradients, parameters in ``names`` order, each flattened
+        row-major (the layout of ``torch.cat([p.flatten() for p in params])``)."""
+        parts: dict[str, Tensor] = {}
+        for b in self.blocks:
+            parts.update(b.per_param())
+        return torch.cat([parts[n] for n in names], 1)
+
     def dot(self, q: dict[str, Tensor]) -> Tensor:
         """(B,) inner products with one dense gradient ``q`` (parameter name -> tensor)."""
         return sum(b.dot(q) for b in self.blocks)  # type: ignore[return-value]
@@ -207,7 +243,7 @@ def concat(parts: list[BatchGrads]) -> BatchGrads | None:
             if len({b.ids.shape[1] for b in group}) != 1:  # type: ignore[union-attr]
                 return None
             blocks.append(EmbeddingBlock(torch.cat([b.ids for b in group]),  # type: ignore[union-attr]
-                                         torch.cat([b.g for b in group]), first.weight))
+                                         torch.cat([b.g for b in group]), first.weight, first.vocab))
         else:
-            blocks.append(DenseBlock(torch.cat([b.G for b in group]), first.names))  # type: ignore[union-attr]
+            blocks.append(DenseBlock(torch.cat([b.G for b in group]), first.names, first.sizes))  # type: ignore[union-attr]
     return BatchGrads(blocks, torch.cat([p.losses for p in parts]))

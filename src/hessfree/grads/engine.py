@@ -257,12 +257,13 @@ class GradientEngine:
             D = mod.embedding_dim
             if not calls:
                 return EmbeddingBlock(torch.zeros(B, 1, dtype=torch.long, device=self.device),
-                                      torch.zeros(B, 1, D, dtype=self.dtype, device=self.device), e["weight"])
+                                      torch.zeros(B, 1, D, dtype=self.dtype, device=self.device), e["weight"],
+                                      mod.num_embeddings)
             ids = torch.cat([x.reshape(B, -1) for x, _ in calls], 1)
             g = torch.cat([go.reshape(B, -1, D) for _, go in calls], 1)
             if mod.padding_idx is not None:
                 g = g * (ids != mod.padding_idx).unsqueeze(-1).to(g.dtype)
-            return EmbeddingBlock(ids, g, e["weight"])
+            return EmbeddingBlock(ids, g, e["weight"], mod.num_embeddings)
         w = self._state.get(e["weight"]) if e["weight"] else None
         if kind == "linear":
             d_in, d_out = mod.in_features, mod.out_features
@@ -296,7 +297,8 @@ class GradientEngine:
         P = sum(v.numel() for v in fb.values())
         chunk = max(1, _VMAP_BYTES // max(1, P * self.dtype.itemsize))
         g = vmap(grad(loss_one), in_dims=(None, 0, 0), chunk_size=chunk if chunk < B else None)(fb, inputs, targets)
-        return DenseBlock(torch.cat([g[f"model.{n}"].reshape(B, -1) for n in self.fallback], 1), list(self.fallback))
+        return DenseBlock(torch.cat([g[f"model.{n}"].reshape(B, -1) for n in self.fallback], 1), list(self.fallback),
+                          [self._state[n].numel() for n in self.fallback])
 
 
 def _sums_to(block: Block, full: dict[str, Tensor] | None, state: dict[str, Tensor]) -> bool:

@@ -1,4 +1,5 @@
-"""Which parameters a method differentiates: ``"all"``, ``"last_layer"`` or a list of names."""
+"""Which parameters a method differentiates: ``"all"``, ``"last_layer"``, ``"last_layer_weight"``
+or a list of names."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -16,6 +17,8 @@ def select_parameters(model: nn.Module, params: ParamSpec = "all") -> list[str]:
     - ``"all"``: every parameter with ``requires_grad=True``;
     - ``"last_layer"``: the trainable parameters (weight and bias) of the last registered module
       that owns trainable parameters directly;
+    - ``"last_layer_weight"``: that module's ``weight`` only (bias excluded), the default gradient
+      of Outlier Gradient Analysis;
     - a list of parameter names (``"2.weight"``) and/or module names (``"2"``: all its trainable
       parameters). Frozen parameters are never included; naming one explicitly is an error.
     """
@@ -26,7 +29,7 @@ def select_parameters(model: nn.Module, params: ParamSpec = "all") -> list[str]:
     if isinstance(params, str):
         if params == "all":
             return trainable
-        if params == "last_layer":
+        if params in ("last_layer", "last_layer_weight"):
             last: list[str] = []
             for mod_name, mod in model.named_modules():
                 own = [f"{mod_name}.{n}" if mod_name else n
@@ -34,6 +37,13 @@ def select_parameters(model: nn.Module, params: ParamSpec = "all") -> list[str]:
                 own = [n for n in own if n in named]  # tied parameters appear under their first name only
                 if own:
                     last = own
+            if params == "last_layer_weight":
+                weight = [n for n in last if n.rpartition(".")[2] == "weight"]
+                if not weight:
+                    raise ParameterSelectionError(
+                        f"the last layer with trainable parameters ({last}) has no trainable 'weight'; "
+                        "name the parameters explicitly, e.g. params=['head.weight']")
+                return weight
             return last
         params = [params]
     chosen: set[str] = set()
@@ -56,7 +66,7 @@ def select_parameters(model: nn.Module, params: ParamSpec = "all") -> list[str]:
             close = [n for n in list(named) + list(modules) if name.split(".")[-1] in n][:5]
             raise ParameterSelectionError(
                 f"unknown parameter or module name {name!r}; use names from model.named_parameters() or "
-                f"model.named_modules(){f', e.g. {close}' if close else ''}, or 'all' / 'last_layer'")
+                f"model.named_modules(){f', e.g. {close}' if close else ''}, or 'all' / 'last_layer' / 'last_layer_weight'")
     if not chosen:
         raise ParameterSelectionError("the parameter selection is empty: name at least one parameter")
     return [n for n in trainable if n in chosen]

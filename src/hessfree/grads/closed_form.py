@@ -1,0 +1,119 @@
+"""Closed-form per-sample gradients of a final linear layer (spec outlier_gradient.md §4).
+
+For logits ``z = W h + b`` fed straight into softmax cross-entropy (or BCE-with-logits on one
+logit), the per-sample gradients are
+
+    ∂l/∂W = r hᵀ,   ∂l/∂b = r,   r = softmax(z) − e_y   (BCE: r = σ(z) − y)
+
+so one forward pass gives every sample's gradient as the pair ``(r, h)``, and
+
+    ||∂l/∂(W, b)||₂ = ||r||₂ · sqrt(||h||₂² + [bias])
+    Σ |∂l/∂(W, b)| = ||r||₁ · (||h||₁ + [bias])
+
+need no backward pass and no outer product at all. :class:`HeadCapture` finds whether this
+applies (the selected parameters belong to one ``nn.Linear`` called once on (B, d) inputs, whose
+output *is* the model output, under the built-in ``cross_entropy`` / ``bce`` loss) and captures
+``h`` and ``z`` with a forward hook.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hessfree.tasks import BCEWithLogits, CrossEntropy, Task
+
+
+@dataclass
+class HeadGrads:
+    """Per-sample gradients of a final linear layer as factors: r (B, C), h (B, d)."""
+
+    r: Tensor
+    h: Tensor
+    weight: str | None
+    bias: str | None
+    losses: Tensor
+
+    def l2(self) -> Tensor:
+        hh = self.h.pow(2).sum(1) if self.weight is not None else torch.zeros_like(self.r[:, 0])
+        return self.r.norm(dim=1) * (hh + (1.0 if self.bias is not None else 0.0)).sqrt()
+
+    def l1(self) -> Tensor:
+        hh = self.h.abs().sum(1) if self.weight is not None else torch.zeros_like(self.r[:, 0])
+        return self.r.abs().sum(1) * (hh + (1.0 if self.bias is not None else 0.0))
+
+    def dense(self, names: list[str]) -> Tensor:
+        """(B, P) gradients in ``names`` order, each parameter flattened row-major."""
+        parts = {}
+        if self.weight is not None:
+            parts[self.weight] = (self.r[:, :, None] * self.h[:, None, :]).flatten(1)
+        if self.bias is not None:
+            parts[self.bias] = self.r
+        return torch.cat([parts[n] for n in names], 1)
+
+
+def head_module(model: nn.Module, names: list[str], task: Task) -> tuple[str, nn.Linear] | None:
+    """The nn.Linear owning every selected parameter, if the closed form can apply (static part)."""
+    if type(task) not in (CrossEntropy, BCEWithLogits):
+        return None
+    owners = set()
+    for n in names:
+        mod_name, _, local = n.rpartition(".")
+        if local not in ("weight", "bias"):
+            return None
+        owners.add(mod_name)
+    if len(owners) != 1:
+        return None
+    mod_name = owners.pop()
+    mod = model.get_submodule(mod_name) if mod_name else model
+    if type(mod) is not nn.Linear:
+        return None
+    shared = [p for m in model.modules() if m is not mod for p in m.parameters(recurse=False)
+              if any(p is q for q in mod.parameters())]
+    if shared:  # tied weights: the gradient has other paths
+        return None
+    return mod_name, mod
+
+
+class HeadCapture:
+    """Forward hook on the head; :meth:`grads` turns one forward pass into :class:`HeadGrads`, or
+    returns None when the head is not the last operation of the model (checked every batch)."""
+
+    def __init__(self, module: nn.Linear, mod_name: str, names: list[str], task: Task):
+        self.module, self.task = module, task
+        prefix = f"{mod_name}." if mod_name else ""
+        self.weight = f"{prefix}weight" if f"{prefix}weight" in names else None
+        self.bias = f"{prefix}bias" if f"{prefix}bias" in names else None
+        self._calls: list[tuple[Tensor, Tensor]] = []
+        self._handle: Any = None
+
+    def __enter__(self) -> "HeadCapture":
+        self._handle = self.module.register_forward_hook(lambda m, i, o: self._calls.append((i[0], o)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._handle.remove()
+
+    def grads(self, forward, inputs: Any, targets: Tensor, validate=None) -> HeadGrads | None:
+        """``validate(outputs)``, if given, checks the labels against the outputs first."""
+        self._calls.clear()
+        with torch.no_grad():
+            outputs = forward(inputs)
+        if validate is not None:
+            validate(outputs)
+        calls, self._calls = self._calls, []
+        if len(calls) != 1 or calls[0][1] is not outputs or calls[0][0].ndim != 2:
+            return None
+        h, z = calls[0]
+        with torch.no_grad():
+            losses = self.task.per_sample_loss(z, targets)
+            if isinstance(self.task, CrossEntropy):
+                r = torch.softmax(z, 1) - F.one_hot(targets, z.shape[1]).to(z.dtype)
+            else:
+                if z.shape[1] != 1:
+                    return None
+                r = torch.sigmoid(z) - targets.to(z.dtype).reshape(-1, 1)
+        return HeadGrads(r, h, self.weight, self.bias, losses)

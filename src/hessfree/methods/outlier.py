@@ -1,0 +1,274 @@
+"""Outlier Gradient Analysis (spec outlier_gradient.md): detrimental training samples are outliers
+among the per-sample gradients at the trained model.
+
+    outlier_scores(z_i) = detector score of g_i = ∇_θ l(z_i; θ_final)      higher = more outlying
+
+Why it can work: the influence of removing z_i on any target is −⟨u, g_i⟩ with one vector u shared
+by every sample, so only g_i varies, and detrimental samples are a small minority — outliers in
+gradient space. This is a hypothesis with strong empirical support (Chhabra et al., ICML 2025),
+not a theorem: check it on your data (``hessfree.metrics``, ``trim_and_retrain``).
+
+Gradients are taken at the final checkpoint with the model in eval mode. For a final linear layer
+under the built-in losses the closed form of :mod:`hessfree.grads.closed_form` is used (no
+per-sample backward; L1 / L2 without even the outer product); otherwise the gradient engine
+(factorised Linear / Conv2d / Embedding blocks, ``vmap(grad)`` for the rest).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from hessfree.datasets import dataset_size, iter_batches, sample_ids
+from hessfree.errors import InputError
+from hessfree.grads.closed_form import HeadCapture, head_module
+from hessfree.grads.engine import _check_finite
+from hessfree.grads.projection import SparseProjection
+from hessfree.grads.select import ParamSpec
+from hessfree.methods.common import Scorer, check_labels
+from hessfree.run import Run
+from hessfree.scores import Scores, resolve_k
+
+log = logging.getLogger(__name__)
+
+DETECTORS = ("iforest", "l1", "l2", "ocsvm", "lof")
+GRADIENT_PATHS = ("auto", "closed_form", "engine", "vmap")
+_FEATURE_WARN_BYTES = 2 << 30
+
+
+def outlier_scores(run_or_model: Run | nn.Module, train_dataset: Dataset, *, detector: Any = "iforest",
+                   params: ParamSpec = "last_layer_weight", projection: int | None = None,
+                   reference: Dataset | None = None, random_state: int = 0, loss: Any = None,
+                   k: int | float | None = None, detector_options: dict | None = None,
+                   gradient_path: str = "auto", batch_size: int = 256, dtype: torch.dtype = torch.float32,
+                   device: Any = None, progress: bool = True) -> Scores:
+    """Score every training sample by how outlying its gradient is: Scores (N,), higher = more outlying.
+
+    Args:
+        run_or_model: a :class:`hessfree.Run` (its last checkpoint is used) or a trained
+            ``nn.Module`` (its current weights; then ``loss`` names the loss, default
+            ``"cross_entropy"``).
+        detector: ``"iforest"`` (−IsolationForest.score_samples; 100 trees, max_samples =
+            min(256, N), ``random_state``), ``"l1"`` (Σ|g|), ``"l2"`` (‖g‖₂, the square root of
+            one-checkpoint self-influence), ``"ocsvm"`` (−OneClassSVM.decision_function fitted on
+            the ``reference`` gradients as inliers; needs ``reference``), ``"lof"`` (local outlier
+            factor), or any object with scikit-learn's ``fit`` / ``score_samples`` (higher =
+            more normal, as in scikit-learn; the score is its negation).
+        params: ``"last_layer_weight"`` (default: the final layer's weight, bias excluded),
+            ``"last_layer"``, ``"all"`` or a list of parameter / module names.
+        projection: None (exact gradients) or k: a seeded sparse Johnson–Lindenstrauss projection
+            to k dimensions (:class:`hessfree.grads.projection.SparseProjection`, seed
+            ``random_state``) before the detector.
+        reference: a dataset of trusted samples (e.g. validation, never the test set). The
+            detector is fitted on their gradients and scores the training gradients; without it
+            the detector is fitted on the training gradients themselves. ``l1`` / ``l2`` ignore it.
+        k: optional flagging budget (count, or fraction of N), checked now and used by
+            ``scores.flag()``.
+        detector_options: keyword arguments for the scikit-learn detector named by ``detector``.
+        gradient_path: ``"auto"`` (closed form when it applies, else the engine),
+            ``"closed_form"`` (refuse if it does not apply), ``"engine"``, or ``"vmap"`` (the
+            ``torch.func`` reference path).
+    """
+    t0 = time.perf_counter()
+    name, det = _check_detector(detector, reference, detector_options)
+    if gradient_path not in GRADIENT_PATHS:
+        raise InputError(f"gradient_path must be one of {GRADIENT_PATHS}, got {gradient_path!r}")
+    run = _as_run(run_or_model, loss)
+    n = dataset_size(train_dataset, "training dataset")
+    if k is not None:
+        resolve_k(k, n)
+    if projection is not None and (isinstance(projection, bool) or not isinstance(projection, (int, np.integer))
+                                   or projection < 1):
+        raise InputError(f"projection must be None or a positive number of dimensions, got {projection!r}")
+    if isinstance(random_state, bool) or not isinstance(random_state, (int, np.integer)) or random_state < 0:
+        raise InputError(f"random_state must be a non-negative integer, got {random_state!r}")
+    if reference is not None:
+        dataset_size(reference, "reference dataset")
+        _check_same_features(run, train_dataset, reference)
+        if name in ("l1", "l2"):
+            log.warning("detector %r does not use the reference dataset; it is ignored", name)
+    want = name if name in ("l1", "l2") and projection is None else "features"
+
+    with Scorer(run, train_dataset, params=params, checkpoints="last", batch_size=batch_size, dtype=dtype,
+                device=device, progress=progress, method="outlier_gradient",
+                ghost=gradient_path != "vmap") as sc:
+        head = None
+        if gradient_path in ("auto", "closed_form"):
+            found = head_module(run.model, sc.names, run.task)
+            if found is None and gradient_path == "closed_form":
+                raise InputError(_NO_CLOSED_FORM)
+            if found is not None:
+                head = HeadCapture(found[1], found[0], sc.names, run.task)
+        n_features = sum(sc.engine.model.get_parameter(nm).numel() for nm in sc.names)
+        proj = (SparseProjection(n_features, int(projection), seed=int(random_state), device=sc.engine.device,
+                                 dtype=dtype) if projection is not None else None)
+        width = proj.n_components if proj is not None else n_features
+        if want == "features" and n * width * dtype.itemsize > _FEATURE_WARN_BYTES:
+            log.warning("holding %d × %d gradient features (%.1f GB); pass projection= to reduce them", n, width,
+                        n * width * dtype.itemsize / 2**30)
+        ref_n = dataset_size(reference) if reference is not None and want == "features" else 0
+        for _ in sc.checkpoints(extra_batches_per_checkpoint=-(-ref_n // batch_size)):
+            ref_checked = check_labels(sc.engine, reference) if ref_n else False  # before any gradient work
+            collector = _Collector(sc, head, proj, want, strict=gradient_path == "closed_form")
+            values = collector.run(train_dataset, sc.ids, sc.labels_checked)
+            ref_values = collector.run(reference, sample_ids(reference), ref_checked) if ref_n else None
+        grad_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        scores = _detect(name, det, values, ref_values, int(random_state), detector_options or {})
+        detect_s = time.perf_counter() - t1
+        meta = sc.meta(kind="outlier", goal="minimize", detector=name, gradient_path=collector.path,
+                       n_features=n_features, projection=proj.describe() if proj is not None else None,
+                       n_reference=dataset_size(reference) if reference is not None else 0,
+                       reference_used=ref_values is not None, random_state=int(random_state),
+                       detector_options=detector_options or {}, flag_k=k)
+    meta["timing"].update({"gradients_s": grad_s, "detector_s": detect_s})
+    return Scores(scores, sc.ids, meta)
+
+
+_NO_CLOSED_FORM = ("gradient_path='closed_form' needs the selected parameters to be the weight and/or bias of one "
+                   "nn.Linear whose output is the model output, under loss 'cross_entropy' or 'bce'; use "
+                   "gradient_path='auto' to fall back to the gradient engine")
+
+
+class _Collector:
+    """Per-sample gradient features (N, width) or closed-form / engine norms (N,) of one dataset."""
+
+    def __init__(self, sc: Scorer, head: HeadCapture | None, proj: SparseProjection | None, want: str, strict: bool):
+        self.sc, self.head, self.proj, self.want, self.strict = sc, head, proj, want, strict
+        self.path = "closed_form" if head is not None else ("factorised" if sc.engine.rules else "vmap")
+
+    def run(self, dataset: Dataset, ids: np.ndarray, labels_checked: bool) -> Tensor:
+        sc, names = self.sc, self.sc.names
+        parts = []
+        with self.head if self.head is not None else _nullcontext():
+            for pos, batch in iter_batches(dataset, sc.batch_size):
+                v = None
+                if self.head is not None:
+                    inputs, targets = sc.engine.prepare(batch)
+                    check = None if labels_checked else (
+                        lambda out, t=targets, i=ids[pos]: sc.engine.task.validate(out, t, i))
+                    hg = self.head.grads(sc.engine.forward, inputs, targets, check)
+                    if hg is None:
+                        if self.strict:
+                            raise InputError(_NO_CLOSED_FORM + " (the layer is not the model's last operation)")
+                        log.info("the last layer is not the model's final operation: using the gradient engine")
+                        self.head = None
+                        self.path = "factorised" if sc.engine.rules else "vmap"
+                    else:
+                        v = hg.l2() if self.want == "l2" else hg.l1() if self.want == "l1" else hg.dense(names)
+                if v is None:
+                    grads = sc.engine.batch_grads(batch, ids[pos], validate=not labels_checked, check_loss=False)
+                    if self.want == "l2":
+                        v = grads.sq_norms().clamp_min(0).sqrt()
+                    else:
+                        G = grads.dense(names)
+                        v = G.abs().sum(1) if self.want == "l1" else G
+                v = v.detach()
+                if self.proj is not None:
+                    v = self.proj.project(v)
+                _check_finite(v if v.ndim == 1 else v.sum(1), ids[pos], "loss or gradient")
+                parts.append(v)
+                sc.bar.update(1)
+        return torch.cat(parts)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def _as_run(run_or_model: Any, loss: Any) -> Run:
+    if isinstance(run_or_model, Run):
+        if loss is not None:
+            raise InputError("a Run carries its own loss: pass loss= only with a bare model")
+        return run_or_model
+    if isinstance(run_or_model, nn.Module):
+        state = {k: v.detach().clone() for k, v in run_or_model.state_dict().items()}
+        return Run.from_checkpoints(run_or_model, [state], [1.0], loss=loss if loss is not None else "cross_entropy")
+    raise InputError(f"expected a hessfree.Run or a trained torch.nn.Module, got {type(run_or_model).__name__}")
+
+
+def _check_detector(detector: Any, reference: Dataset | None, options: dict | None) -> tuple[str, Any]:
+    if options is not None and not isinstance(options, dict):
+        raise InputError(f"detector_options must be a dict of keyword arguments, got {type(options).__name__}")
+    if isinstance(detector, str):
+        if detector not in DETECTORS:
+            raise InputError(f"unknown detector {detector!r}: use one of {DETECTORS} or an object with "
+                             "fit / score_samples")
+        if detector == "ocsvm" and reference is None:
+            raise InputError("detector 'ocsvm' is fitted on the gradients of trusted samples as inliers: pass "
+                             "reference= (a validation dataset, never the test set)")
+        if options and detector in ("l1", "l2"):
+            raise InputError(f"detector {detector!r} takes no detector_options")
+        return detector, None
+    missing = [m for m in ("fit", "score_samples") if not callable(getattr(detector, m, None))]
+    if missing:
+        raise InputError(f"a detector object needs scikit-learn's fit() and score_samples() (higher = more normal); "
+                         f"{type(detector).__name__} lacks {' and '.join(missing)}")
+    if options:
+        raise InputError("detector_options configure a named detector; configure your own detector object directly")
+    return type(detector).__name__, detector
+
+
+def _first_inputs(run: Run, dataset: Dataset) -> Any:
+    _, batch = next(iter_batches(dataset, 1))
+    return run.task.split(batch)[0]
+
+
+def _shapes(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return tuple(obj.shape[1:])
+    if isinstance(obj, dict):
+        return {k: _shapes(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_shapes(v) for v in obj]
+    return type(obj).__name__
+
+
+def _check_same_features(run: Run, train: Dataset, reference: Dataset) -> None:
+    a, b = _shapes(_first_inputs(run, train)), _shapes(_first_inputs(run, reference))
+    if a != b:
+        raise InputError(f"the reference samples have input shape {b} but the training samples {a}: the reference "
+                         "must hold samples of the same kind (e.g. a validation split of the same data)")
+
+
+def _detect(name: str, det: Any, values: Tensor, ref: Tensor | None, random_state: int, opts: dict) -> np.ndarray:
+    if values.ndim == 1:  # closed-form / engine norms
+        return values.double().cpu().numpy()
+    X = values.cpu().numpy()
+    if name == "l2":
+        return np.linalg.norm(X.astype(np.float64), axis=1)
+    if name == "l1":
+        return np.abs(X.astype(np.float64)).sum(1)
+    R = ref.cpu().numpy() if ref is not None else None
+    fit_on = R if R is not None else X
+    if name == "iforest":
+        from sklearn.ensemble import IsolationForest
+
+        kw = {"n_estimators": 100, "max_samples": min(256, len(fit_on)), "random_state": random_state, **opts}
+        return -IsolationForest(**kw).fit(fit_on).score_samples(X)
+    if name == "ocsvm":
+        from sklearn.svm import OneClassSVM
+
+        return -OneClassSVM(**opts).fit(fit_on).decision_function(X)
+    if name == "lof":
+        from sklearn.neighbors import LocalOutlierFactor
+
+        kw = {"n_neighbors": min(20, max(1, len(fit_on) - 1)), **opts}
+        if R is None:
+            lof = LocalOutlierFactor(**kw).fit(X)
+            return -lof.negative_outlier_factor_
+        return -LocalOutlierFactor(novelty=True, **kw).fit(R).score_samples(X)
+    det.fit(fit_on)
+    s = np.asarray(det.score_samples(X), dtype=np.float64).reshape(-1)
+    if s.shape != (len(X),):
+        raise InputError(f"{name}.score_samples returned {s.shape[0]} values for {len(X)} samples")
+    return -s
