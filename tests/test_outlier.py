@@ -1,0 +1,334 @@
+"""Outlier Gradient Analysis: closed forms, every gradient path and detector input against a float64
+per-sample autograd loop, projection, flagging, determinism and bad input."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import hessfree
+from hessfree.errors import InputError, LabelError, ParameterSelectionError
+from hessfree.grads.closed_form import HeadCapture
+from hessfree.grads.projection import SparseProjection, chunk_rows
+from hessfree.grads.select import select_parameters
+from hessfree.methods import outlier as outlier_mod
+from helpers import SmallCNN, TokenModel, brute_grads, images, mlp, tabular, tokens, trained_run
+
+Q = dict(progress=False)
+
+
+class Recorder:
+    """A detector that keeps what it was given: the inputs the detectors see."""
+
+    def fit(self, X):
+        self.fitted = np.array(X, copy=True)
+        return self
+
+    def score_samples(self, X):
+        self.scored = np.array(X, copy=True)
+        return -np.linalg.norm(X, axis=1)
+
+
+def head_model(classes: int, bias: bool, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, classes, bias=bias))
+
+
+def head_case(kind: str, bias: bool):
+    """(run, data) for a CE (3 classes) or BCE (one logit) head, trained a little."""
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(37, 6, generator=g)
+    if kind == "ce":
+        data, model, loss = TensorDataset(X, torch.randint(0, 3, (37,), generator=g)), head_model(3, bias), "cross_entropy"
+    else:
+        data, model, loss = TensorDataset(X, (torch.rand(37, generator=g) > 0.5).float()), head_model(1, bias), "bce"
+    return trained_run(model, data, loss=loss), data
+
+
+def max_rel(x, ref) -> float:
+    x, ref = torch.as_tensor(np.asarray(x), dtype=torch.float64), torch.as_tensor(np.asarray(ref), dtype=torch.float64)
+    return float((x - ref).abs().max() / ref.abs().max())
+
+
+HEADS = [(k, b) for k in ("ce", "bce") for b in (True, False)]
+
+
+@pytest.mark.parametrize("kind,bias", HEADS)
+@pytest.mark.parametrize("params", ["last_layer_weight", "last_layer"])
+def test_closed_form_matches_autograd(kind, bias, params):
+    run, data = head_case(kind, bias)
+    names = select_parameters(run.model, params)
+    G = brute_grads(run, data, names)[-1]  # (N, P) at the final checkpoint
+    kw = dict(params=params, dtype=torch.float64, batch_size=10, **Q)
+    for det, ref in (("l2", G.norm(dim=1)), ("l1", G.abs().sum(1))):
+        s = hessfree.outlier_scores(run, data, detector=det, gradient_path="closed_form", **kw)
+        assert s.meta["gradient_path"] == "closed_form"
+        assert max_rel(s.values, ref) <= 1e-6
+    rec = Recorder()
+    s = hessfree.outlier_scores(run, data, detector=rec, gradient_path="closed_form", **kw)
+    assert rec.scored.shape == tuple(G.shape)
+    assert max_rel(rec.scored, G) <= 1e-6  # the detector's inputs: the outer products (p − e_y) hᵀ (and r)
+    assert max_rel(s.values, G.norm(dim=1)) <= 1e-6
+
+
+@pytest.mark.parametrize("kind,bias", HEADS)
+def test_closed_form_factors_directly(kind, bias):
+    """HeadGrads itself: dense(), l1(), l2() against the autograd loop, float64."""
+    run, data = head_case(kind, bias)
+    names = select_parameters(run.model, "last_layer")
+    G = brute_grads(run, data, names)[-1]
+    model = run.model.double().eval()
+    model.load_state_dict(run.checkpoint_state(-1))
+    head = model[2]
+    X, y = data.tensors
+    with HeadCapture(head, "2", names, run.task) as cap:
+        hg = cap.grads(model, X.double(), y.double() if kind == "bce" else y)
+    assert max_rel(hg.dense(names), G) <= 1e-10
+    assert max_rel(hg.l2(), G.norm(dim=1)) <= 1e-10
+    assert max_rel(hg.l1(), G.abs().sum(1)) <= 1e-10
+    run.model.float()
+
+
+ENGINE_CASES = {
+    "mlp": (lambda: mlp(0), tabular, ["all", "last_layer_weight", ["0.weight", "2"]]),
+    "cnn": (lambda: (torch.manual_seed(0), SmallCNN())[1], images, ["all", ["conv1"]]),
+    "tokens": (lambda: (torch.manual_seed(0), TokenModel())[1], tokens, ["all", ["emb"]]),
+}
+
+
+@pytest.mark.parametrize("case", list(ENGINE_CASES))
+@pytest.mark.parametrize("path", ["engine", "vmap"])
+def test_engine_and_vmap_detector_inputs_match_autograd(case, path):
+    build, make, specs = ENGINE_CASES[case]
+    data = make(n=23, seed=0)
+    run = trained_run(build(), data)
+    for params in specs:
+        names = select_parameters(run.model, params)
+        G = brute_grads(run, data, names)[-1]
+        rec = Recorder()
+        s = hessfree.outlier_scores(run, data, detector=rec, params=params, gradient_path=path,
+                                    dtype=torch.float64, batch_size=9, **Q)
+        assert max_rel(rec.scored, G) <= 1e-9, (case, params)
+        assert s.meta["gradient_path"] in (("factorised",) if path == "engine" else ("vmap",))
+        l1 = hessfree.outlier_scores(run, data, detector="l1", params=params, gradient_path=path,
+                                     dtype=torch.float64, batch_size=9, **Q)
+        assert max_rel(l1.values, G.abs().sum(1)) <= 1e-9
+
+
+def test_auto_uses_closed_form_only_when_it_applies():
+    run, data = head_case("ce", True)
+    assert hessfree.outlier_scores(run, data, detector="l2", **Q).meta["gradient_path"] == "closed_form"
+    # the head's output is not the model's output (a Tanh follows): auto falls back, forced refuses
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 3), nn.Tanh())
+    r = trained_run(model, data)
+    names = select_parameters(r.model, "last_layer_weight")
+    G = brute_grads(r, data, names)[-1]
+    s = hessfree.outlier_scores(r, data, detector="l2", dtype=torch.float64, **Q)
+    assert s.meta["gradient_path"] == "factorised"
+    assert max_rel(s.values, G.norm(dim=1)) <= 1e-9
+    with pytest.raises(InputError, match="closed_form"):
+        hessfree.outlier_scores(r, data, detector="l2", gradient_path="closed_form", **Q)
+    # all parameters: not a final-layer closed form
+    assert hessfree.outlier_scores(run, data, detector="l2", params="all", **Q).meta["gradient_path"] == "factorised"
+    with pytest.raises(InputError, match="closed_form"):
+        hessfree.outlier_scores(run, data, params="all", gradient_path="closed_form", **Q)
+
+
+def test_float32_paths_agree():
+    run, data = head_case("ce", True)
+    vals = [hessfree.outlier_scores(run, data, detector="l2", gradient_path=p, **Q).values
+            for p in ("closed_form", "engine", "vmap")]
+    assert max_rel(vals[1], vals[0]) <= 1e-5 and max_rel(vals[2], vals[0]) <= 1e-5
+
+
+def test_bare_model_and_eval_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 9), nn.Dropout(0.5), nn.ReLU(), nn.Linear(9, 3))
+    data = tabular(n=30)
+    run = trained_run(model, data)
+    model.train()
+    a = hessfree.outlier_scores(model, data, detector="l2", dtype=torch.float64, **Q)
+    b = hessfree.outlier_scores(run, data, detector="l2", dtype=torch.float64, **Q)
+    assert model.training  # mode put back
+    np.testing.assert_array_equal(a.values, b.values)  # dropout off: deterministic, same as the Run's last checkpoint
+    G = brute_grads(run, data, select_parameters(model, "last_layer_weight"))[-1]
+    assert max_rel(a.values, G.norm(dim=1)) <= 1e-9
+
+
+def test_l2_is_sqrt_of_one_checkpoint_self_influence():
+    run, data = head_case("ce", True)
+    s = hessfree.outlier_scores(run, data, detector="l2", params="last_layer", dtype=torch.float64, **Q)
+    si = hessfree.self_influence(run, data, params="last_layer", checkpoints="last", dtype=torch.float64, **Q)
+    np.testing.assert_allclose(s.values ** 2 * run.checkpoints[-1].learning_rate, si.values, rtol=1e-10)
+
+
+def noisy_blobs(n=400, flips=30, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    X = torch.randn(n, 6, generator=g) * 0.6 + 2.0 * nn.functional.one_hot(y, 6).float()
+    y_noisy = y.clone()
+    y_noisy[:flips] = (y[:flips] + 1) % 3
+    return TensorDataset(X, y_noisy), torch.arange(n) < flips
+
+
+@pytest.fixture(scope="module")
+def noisy():
+    data, truth = noisy_blobs()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    run = hessfree.fit(model, data, lr=0.1, epochs=15, batch_size=32, seed=0, progress=False)
+    return run, data, truth
+
+
+@pytest.mark.parametrize("detector", ["iforest", "l1", "l2", "lof"])
+def test_detectors_find_flipped_labels(noisy, detector):
+    run, data, truth = noisy
+    s = hessfree.outlier_scores(run, data, detector=detector, **Q)
+    assert s.meta["kind"] == "outlier" and s.meta["detector"] == detector
+    assert hessfree.metrics.auroc(s, truth) > 0.9
+    assert s.values.shape == (len(data),)
+
+
+def test_ocsvm_with_reference_and_iforest_novelty(noisy):
+    run, data, truth = noisy
+    clean = TensorDataset(*[t[~truth][:150] for t in data.tensors])
+    s = hessfree.outlier_scores(run, data, detector="ocsvm", reference=clean, detector_options={"nu": 0.1}, **Q)
+    assert s.meta["reference_used"] and s.meta["n_reference"] == 150
+    assert hessfree.metrics.auroc(s, truth) > 0.9
+    rec = Recorder()
+    hessfree.outlier_scores(run, data, detector=rec, reference=clean, **Q)
+    assert rec.fitted.shape[0] == 150 and rec.scored.shape[0] == len(data)  # fitted on the reference only
+
+
+def test_reruns_bit_identical_and_seed_matters(noisy):
+    run, data, _ = noisy
+    a = hessfree.outlier_scores(run, data, detector="iforest", random_state=3, **Q)
+    b = hessfree.outlier_scores(run, data, detector="iforest", random_state=3, **Q)
+    c = hessfree.outlier_scores(run, data, detector="iforest", random_state=4, **Q)
+    np.testing.assert_array_equal(a.values, b.values)
+    assert not np.array_equal(a.values, c.values)
+    p = hessfree.outlier_scores(run, data, detector="iforest", params="all", projection=16, random_state=3, **Q)
+    q = hessfree.outlier_scores(run, data, detector="iforest", params="all", projection=16, random_state=3, **Q)
+    np.testing.assert_array_equal(p.values, q.values)
+    assert p.meta["projection"]["n_components"] == 16
+
+
+def test_flag_exact_count_and_stable_ties():
+    s = hessfree.Scores(np.array([1.0, 3.0, 3.0, 0.5, 3.0, 2.0]), np.arange(6), {"kind": "outlier", "flag_k": 2})
+    np.testing.assert_array_equal(s.flag(), [False, True, True, False, False, False])  # ties: lower position
+    assert s.flag(4).sum() == 4 and s.flag(4)[5]
+    assert s.flag(0.5).sum() == 3
+    for bad in (0, -1, 7, 1.0, True):
+        with pytest.raises(InputError):
+            s.flag(bad)
+    with pytest.raises(InputError, match="budget"):
+        hessfree.Scores(s.values, s.sample_ids, {"kind": "outlier"}).flag()
+    truth = np.array([0, 1, 1, 0, 0, 0], bool)
+    assert hessfree.metrics.detection_accuracy(s, truth, 2) == float(np.mean(s.flag(2) == truth)) == 1.0
+
+
+def test_flag_count_on_real_scores(noisy):
+    run, data, truth = noisy
+    s = hessfree.outlier_scores(run, data, k=30, **Q)
+    assert s.flag().sum() == 30
+    assert s.meta["flag_k"] == 30
+
+
+# ------------------------------------------------------------------------------ projection
+def test_projection_equals_dense_product_across_chunks():
+    P, k = chunk_rows(64) * 2 + 37, 64  # three chunks, the last partial
+    proj = SparseProjection(P, k, seed=5, dtype=torch.float64)
+    R = proj.dense()
+    assert R.shape == (P, k)
+    G = torch.randn(5, P, dtype=torch.float64)
+    torch.testing.assert_close(proj.project(G), G @ R, rtol=1e-12, atol=1e-12)
+    assert proj.nnz == int((R != 0).sum())
+    nz = R[R != 0].abs()
+    torch.testing.assert_close(nz, torch.full_like(nz, 1 / (proj.density * k) ** 0.5))
+    assert abs(proj.nnz / (P * k) - proj.density) < 0.2 * proj.density
+
+
+def test_projection_preserves_inner_products_on_average():
+    P, k = 2000, 256
+    G = torch.randn(40, P, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ratios = []
+    for seed in range(5):
+        Z = SparseProjection(P, k, seed=seed, dtype=torch.float64).project(G)
+        ratios.append((Z.norm(dim=1) ** 2 / G.norm(dim=1) ** 2).mean().item())
+    assert abs(np.mean(ratios) - 1) < 0.05
+
+
+_HASH = ("import hashlib, torch; from hessfree.grads.projection import SparseProjection as S; "
+         "print(hashlib.sha256(S(5000, 32, seed=7, dtype=torch.float64).dense().numpy().tobytes()).hexdigest())")
+
+
+def test_same_seed_same_projection_in_another_process():
+    here = hashlib.sha256(SparseProjection(5000, 32, seed=7, dtype=torch.float64).dense().numpy().tobytes()).hexdigest()
+    other = subprocess.run([sys.executable, "-c", _HASH], capture_output=True, text=True, check=True).stdout.strip()
+    assert here == other
+    assert not torch.equal(SparseProjection(5000, 32, seed=8).dense(), SparseProjection(5000, 32, seed=7).dense())
+
+
+# ------------------------------------------------------------------------------ bad input
+@pytest.fixture
+def no_gradient_work(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("gradient work started before the input was checked")
+    monkeypatch.setattr(outlier_mod._Collector, "run", boom)
+
+
+def test_bad_input_refused_before_gradient_work(noisy, no_gradient_work):
+    run, data, _ = noisy
+    with pytest.raises(InputError, match="reference"):
+        hessfree.outlier_scores(run, data, detector="ocsvm", **Q)
+    wrong = TensorDataset(torch.randn(10, 4), torch.zeros(10, dtype=torch.long))
+    with pytest.raises(InputError, match="input shape"):
+        hessfree.outlier_scores(run, data, detector="ocsvm", reference=wrong, **Q)
+    for k in (0, -3, len(data) + 1):
+        with pytest.raises(InputError, match="k must be"):
+            hessfree.outlier_scores(run, data, k=k, **Q)
+
+    class NoScore:
+        def fit(self, X):
+            return self
+
+    with pytest.raises(InputError, match="score_samples"):
+        hessfree.outlier_scores(run, data, detector=NoScore(), **Q)
+    with pytest.raises(InputError, match="unknown detector"):
+        hessfree.outlier_scores(run, data, detector="knn", **Q)
+    with pytest.raises(InputError, match="own loss"):
+        hessfree.outlier_scores(run, data, loss="bce", **Q)
+    with pytest.raises(InputError, match="projection"):
+        hessfree.outlier_scores(run, data, projection=0, **Q)
+    with pytest.raises(InputError, match="gradient_path"):
+        hessfree.outlier_scores(run, data, gradient_path="fast", **Q)
+    with pytest.raises(InputError, match="Run or a trained"):
+        hessfree.outlier_scores("model.pt", data, **Q)
+    bad_labels = TensorDataset(data.tensors[0][:10], torch.full((10,), 7))
+    with pytest.raises(LabelError):
+        hessfree.outlier_scores(run, data, detector="ocsvm", reference=bad_labels, **Q)
+    with pytest.raises(LabelError):
+        hessfree.outlier_scores(run, bad_labels, **Q)
+
+
+def test_last_layer_weight_selection():
+    model = mlp(0)
+    assert select_parameters(model, "last_layer_weight") == ["4.weight"]
+
+    class Shift(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.offset = nn.Parameter(torch.zeros(2))
+
+        def forward(self, x):
+            return x + self.offset
+
+    with pytest.raises(ParameterSelectionError, match="no trainable 'weight'"):
+        select_parameters(nn.Sequential(nn.Linear(3, 2), Shift()), "last_layer_weight")
