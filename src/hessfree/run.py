@@ -6,6 +6,7 @@ saved Run from its directory.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -130,6 +131,52 @@ class StepLog:
         return self.sample_ids[self.positions[step]]
 
 
+@dataclass
+class Trajectory:
+    """The parameter trajectory θ[t] of a recorded run (θ[t] = trainable parameters BEFORE step t).
+
+    ``thetas[i]`` is θ[``steps[i]``], flattened over ``names`` (the trainable parameters, in
+    ``model.named_parameters()`` order). With ``every = 1`` every step is stored; with ``every = K``
+    steps 0, K, 2K, … and the final step T, and :func:`replay_states` rebuilds the steps between by
+    deterministic forward replay (bit-for-bit on CPU). ``base`` is the initial full state dict
+    (buffers and frozen parameters, which SGD does not change). ``l2`` is the explicit L2 term α of
+    the training loss ``mean_i l_i + (α/2)||θ||²``.
+    """
+
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+    steps: np.ndarray
+    thetas: Tensor  # (n_stored, P)
+    every: int
+    l2: float
+    base: StateDict
+
+    @property
+    def n_steps(self) -> int:
+        return int(self.steps[-1])
+
+    def stored(self, t: int) -> Tensor | None:
+        """θ[t] if it was stored, else None."""
+        i = int(np.searchsorted(self.steps, t))
+        return self.thetas[i] if i < len(self.steps) and int(self.steps[i]) == t else None
+
+    def state(self, theta: Tensor) -> StateDict:
+        """A full state dict with the trainable parameters set from a flat ``theta``."""
+        out = dict(self.base)
+        for n, part in zip(self.names, unflatten(theta, self.shapes)):
+            out[n] = part
+        return out
+
+
+def flatten(tensors: Sequence[Tensor]) -> Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def unflatten(theta: Tensor, shapes: Sequence[tuple[int, ...]]) -> list[Tensor]:
+    sizes = [math.prod(s) for s in shapes]
+    return [part.reshape(s) for part, s in zip(theta.split(sizes), shapes)]
+
+
 # ----------------------------------------------------------------------------- Run
 @dataclass
 class Run:
@@ -145,6 +192,7 @@ class Run:
     run_dir: Path | None = None
     step_log: StepLog | None = None
     manifest: dict = field(default_factory=dict)
+    trajectory: Trajectory | None = None
 
     @property
     def learning_rates(self) -> list[float]:
@@ -240,8 +288,15 @@ class Run:
                 flat = z["positions"]
                 step_log = StepLog([flat[offsets[t]:offsets[t + 1]] for t in range(len(offsets) - 1)],
                                    z["lr"], z["sample_ids"])
+        trajectory = None
+        rec = manifest.get("trajectory")
+        if rec:
+            z = load_file(str(run_dir / rec["file"]))
+            base = load_file(str(run_dir / manifest["initial"]))
+            trajectory = Trajectory(list(rec["names"]), [tuple(x) for x in rec["shapes"]], z["steps"].numpy(),
+                                    z["thetas"], int(rec["every"]), float(rec["l2"]), base)
         return cls(model=model, checkpoints=ckpts, task=task, run_dir=run_dir, step_log=step_log,
-                   manifest=manifest)
+                   manifest=manifest, trajectory=trajectory)
 
 
 def _check_learning_rates(rates: Sequence[float]) -> None:
@@ -254,7 +309,8 @@ def _check_learning_rates(rates: Sequence[float]) -> None:
 def fit(model: nn.Module, train_dataset: Dataset, *, loss: str | Task = "cross_entropy",
         lr: float | Callable[[int], float] = 0.1, epochs: int = 1, batch_size: int = 32,
         checkpoint_every: int | None = None, seed: int = 0, run_dir: str | os.PathLike | None = None,
-        overwrite: bool = False, progress: bool = True) -> Run:
+        overwrite: bool = False, progress: bool = True, record: str | int | None = None, l2: float = 0.0,
+        optimizer: str = "sgd", momentum: float = 0.0, weight_decay: float = 0.0) -> Run:
     """Train ``model`` in place with plain mini-batch SGD and record the run.
 
     Each step takes the mean per-sample loss of a batch and updates ``θ ← θ − η_t ∇``; batches are
@@ -267,9 +323,23 @@ def fit(model: nn.Module, train_dataset: Dataset, *, loss: str | Task = "cross_e
     ``manifest.json``); recording happens in a temporary sibling directory renamed into place only
     when training finishes, so an existing run is never lost and a crash leaves a directory whose
     manifest says ``"status": "recording"``. Without ``run_dir`` checkpoints stay in memory.
+
+    ``record="every_step"`` (or an int K) also records the parameter trajectory θ[t] before every
+    step (or every K steps, the rest rebuilt by deterministic replay) for the Dynamic Influence
+    Tracker (:func:`hessfree.dit`). ``l2=α`` adds an explicit ``(α/2)||θ||²`` (trainable
+    parameters) to the training loss. The step is plain SGD only: ``optimizer`` other than
+    ``"sgd"``, ``momentum`` or ``weight_decay`` are refused (the estimators do not cover them), and
+    with ``record`` so are active dropout and BatchNorm.
     """
     task = resolve_task(loss)
     n = dataset_size(train_dataset, "training dataset")
+    _check_plain_sgd(optimizer, momentum, weight_decay)
+    if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not math.isfinite(l2) or l2 < 0:
+        raise InputError(f"l2 must be a finite non-negative number (the α of (α/2)||θ||²), got {l2!r}")
+    l2 = float(l2)
+    every = _record_every(record)
+    if every:
+        check_trajectory_model(model)
     if not isinstance(epochs, int) or epochs < 1:
         raise InputError(f"epochs must be a positive integer, got {epochs!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -307,10 +377,12 @@ def fit(model: nn.Module, train_dataset: Dataset, *, loss: str | Task = "cross_e
         "n_samples": n, "epochs": epochs, "batch_size": batch_size, "steps_per_epoch": steps_per_epoch,
         "n_steps": n_steps, "checkpoint_every": checkpoint_every, "seed": seed,
         "lr": float(lr) if not callable(lr) else "schedule", "checkpoints": [], "steps": None,
+        "l2": l2, "record": record, "trajectory": None,
     }
+    initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if work_dir is not None:
         write_json(work_dir / MANIFEST, manifest)
-        write_safetensors(work_dir / "checkpoints" / "init.safetensors", model.state_dict())
+        write_safetensors(work_dir / "checkpoints" / "init.safetensors", initial_state)
         manifest["initial"] = "checkpoints/init.safetensors"
 
     was_training = model.training
@@ -320,6 +392,8 @@ def fit(model: nn.Module, train_dataset: Dataset, *, loss: str | Task = "cross_e
     finally:
         model.train(was_training)
     gen = torch.Generator().manual_seed(seed)
+    traj_steps: list[int] = []
+    traj_thetas: list[Tensor] = []
     positions: list[np.ndarray] = []
     step_lrs: list[float] = []
     checkpoints: list[Checkpoint] = []
@@ -334,20 +408,19 @@ def fit(model: nn.Module, train_dataset: Dataset, *, loss: str | Task = "cross_e
                 eta = float(lr_fn(step))
                 if not math.isfinite(eta) or eta <= 0:
                     raise InputError(f"the learning-rate schedule returned {eta} at step {step}")
-                inputs, targets = task.split(batch)
-                outputs = task.forward(model, inputs)
-                task.validate(outputs, targets, ids[pos])
-                losses = task.per_sample_loss(outputs, targets)
-                if not bool(torch.isfinite(losses).all()):
-                    bad = ids[pos][~torch.isfinite(losses).detach().cpu().numpy()]
-                    raise NonFiniteError(
-                        f"non-finite training loss at step {step} for sample id(s) {bad[:10].tolist()}; "
-                        "check those samples' inputs and labels, or lower the learning rate")
-                grads = torch.autograd.grad(losses.mean(), [p for _, p in params], allow_unused=True)
-                with torch.no_grad():
-                    for (_, p), g in zip(params, grads):
-                        if g is not None:
-                            p.sub_(g, alpha=eta)
+                if every and step % every == 0:
+                    traj_steps.append(step)
+                    traj_thetas.append(flatten([p for _, p in params]).clone())
+
+                def check(outputs, targets, losses, _pos=pos, _step=step):
+                    task.validate(outputs, targets, ids[_pos])
+                    if not bool(torch.isfinite(losses).all()):
+                        bad = ids[_pos][~torch.isfinite(losses).detach().cpu().numpy()]
+                        raise NonFiniteError(
+                            f"non-finite training loss at step {_step} for sample id(s) {bad[:10].tolist()}; "
+                            "check those samples' inputs and labels, or lower the learning rate")
+
+                sgd_step(model, [p for _, p in params], task, batch, eta, l2, check)
                 positions.append(pos.copy())
                 step_lrs.append(eta)
                 step += 1
@@ -361,9 +434,22 @@ def fit(model: nn.Module, train_dataset: Dataset, *, loss: str | Task = "cross_e
 
     step_log = StepLog(positions, np.asarray(step_lrs, dtype=np.float64), ids)
     manifest["timing"] = {"train_s": train_s}
+    trajectory = None
+    if every:
+        traj_steps.append(n_steps)
+        traj_thetas.append(flatten([p for _, p in params]).clone())
+        base = initial_state
+        trajectory = Trajectory([nm for nm, _ in params], [tuple(p.shape) for _, p in params],
+                                np.asarray(traj_steps, dtype=np.int64), torch.stack(traj_thetas), every, l2, base)
     if work_dir is None:
         manifest["status"] = "complete"
-        return Run(model=model, checkpoints=checkpoints, task=task, step_log=step_log, manifest=manifest)
+        return Run(model=model, checkpoints=checkpoints, task=task, step_log=step_log, manifest=manifest,
+                   trajectory=trajectory)
+    if trajectory is not None:
+        write_safetensors(work_dir / "trajectory.safetensors",
+                          {"steps": torch.as_tensor(trajectory.steps), "thetas": trajectory.thetas})
+        manifest["trajectory"] = {"file": "trajectory.safetensors", "every": every, "l2": l2,
+                                  "names": trajectory.names, "shapes": [list(x) for x in trajectory.shapes]}
 
     offsets = np.cumsum([0] + [len(p) for p in positions]).astype(np.int64)
     write_npz(work_dir / "steps.npz", positions=np.concatenate(positions).astype(np.int64), offsets=offsets,
@@ -374,6 +460,111 @@ def fit(model: nn.Module, train_dataset: Dataset, *, loss: str | Task = "cross_e
     _replace_dir(work_dir, final_dir)
     log.info("recorded %d steps and %d checkpoints into %s", n_steps, len(checkpoints), final_dir)
     return Run.load(final_dir, model, loss=task)
+
+
+def sgd_step(model: nn.Module, params: list[Tensor], task: Task, batch: Any, eta: float, l2: float,
+             check: Callable[[Tensor, Any, Tensor], None] | None = None) -> None:
+    """One plain SGD step on a collated batch: θ ← θ − η ∇(mean_i l_i + (α/2)||θ||²), in place.
+
+    :func:`fit` and :func:`replay_states` share this function, so replay repeats the same
+    floating-point operations and reproduces the recorded trajectory bit for bit on CPU.
+    """
+    inputs, targets = task.split(batch)
+    outputs = task.forward(model, inputs)
+    losses = task.per_sample_loss(outputs, targets)
+    if check is not None:
+        check(outputs, targets, losses)
+    objective = losses.mean()
+    if l2:
+        objective = objective + 0.5 * l2 * sum(p.pow(2).sum() for p in params)
+    grads = torch.autograd.grad(objective, params, allow_unused=True)
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            if g is not None:
+                p.sub_(g, alpha=eta)
+
+
+def replay_states(run: "Run", train_dataset: Dataset, start: int, stop: int) -> Tensor:
+    """θ[start..stop] (inclusive) as a (stop − start + 1, P) tensor in the recorded dtype, replayed
+    forward from the nearest stored step ≤ start with the recorded batches and learning rates."""
+    traj, log_ = _require_trajectory(run), run.step_log
+    if not 0 <= start <= stop <= traj.n_steps:
+        raise InputError(f"steps [{start}, {stop}] are outside the run's 0..{traj.n_steps}")
+    check_replay_dataset(run, train_dataset)
+    i = int(np.searchsorted(traj.steps, start, side="right")) - 1
+    t = int(traj.steps[i])
+    model = copy.deepcopy(run.model)
+    model.load_state_dict(traj.state(traj.thetas[i]))
+    named = dict(model.named_parameters())
+    params = [named[n] for n in traj.names]
+    out = []
+    model.train()
+    while True:
+        if t >= start:
+            out.append(flatten(params).clone())
+        if t == stop:
+            break
+        _, batch = next(iter_batches(train_dataset, len(log_.positions[t]), log_.positions[t]))
+        sgd_step(model, params, run.task, batch, float(log_.learning_rates[t]), traj.l2)
+        t += 1
+    return torch.stack(out)
+
+
+def _require_trajectory(run: "Run") -> Trajectory:
+    if not isinstance(run, Run):
+        raise InputError(f"expected a hessfree.Run, got {type(run).__name__}")
+    if run.trajectory is None or run.step_log is None:
+        raise InputError("this Run was recorded without a trajectory: record it with "
+                         "hessfree.fit(..., record='every_step') (or record=K to store every K-th step)")
+    return run.trajectory
+
+
+def check_replay_dataset(run: "Run", dataset: Dataset) -> None:
+    """The dataset must be the one the run was trained on (same size and sample ids)."""
+    n = dataset_size(dataset, "training dataset")
+    ids = dataset_sample_ids(dataset)
+    if run.step_log is not None and (n != len(run.step_log.sample_ids)
+                                     or not np.array_equal(ids, run.step_log.sample_ids)):
+        raise InputError(f"this dataset ({n} samples) is not the one the run was trained on "
+                         f"({len(run.step_log.sample_ids)} samples): pass the same training dataset")
+
+
+def _record_every(record: Any) -> int:
+    if record is None:
+        return 0
+    if record == "every_step":
+        return 1
+    if isinstance(record, (int, np.integer)) and not isinstance(record, bool) and record >= 1:
+        return int(record)
+    raise InputError(f"record must be None, 'every_step' or a positive number of steps K, got {record!r}")
+
+
+def _check_plain_sgd(optimizer: Any, momentum: Any, weight_decay: Any) -> None:
+    why = ("hessfree.fit trains with plain SGD, the only optimizer its influence estimators cover exactly "
+           "(DIT and TracIn assume θ ← θ − η ∇l)")
+    if optimizer != "sgd":
+        name = optimizer if isinstance(optimizer, str) else type(optimizer).__name__
+        raise InputError(f"optimizer {name!r} is not supported: {why}; momentum and adaptive methods such as Adam "
+                         "change the update rule the estimators assume")
+    if momentum:
+        raise InputError(f"momentum={momentum} is not supported: {why}; momentum carries earlier gradients into "
+                         "every step")
+    if weight_decay:
+        raise InputError(f"optimizer-level weight_decay={weight_decay} is not supported: {why}; use l2={weight_decay} "
+                         "for an explicit (α/2)||θ||² term in the loss, which the estimators do cover")
+
+
+def check_trajectory_model(model: nn.Module) -> None:
+    """Refuse modules the trajectory estimators do not cover (active dropout, BatchNorm)."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            raise InputError(f"module {name!r} is a {type(mod).__name__}: BatchNorm couples the samples of a batch, "
+                             "so removing one changes every other sample's loss; the Dynamic Influence Tracker "
+                             "does not cover it (use LayerNorm / GroupNorm, or no normalisation)")
+        if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p > 0:
+            raise InputError(f"module {name!r} is an active {type(mod).__name__} (p={mod.p}): random masks make the "
+                             "training steps irreproducible and the estimator does not cover them; set p=0 "
+                             "(or remove it) for a run you want to explain with DIT")
 
 
 def _save_checkpoint(model: nn.Module, work_dir: Path | None, step: int, eta: float, steps_per_epoch: int,
