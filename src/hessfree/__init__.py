@@ -5,7 +5,9 @@ Public API (re-exported here):
 - recording: :func:`fit`, :class:`Run` (``Run.from_checkpoints``, ``Run.load``)
 - the loss contract: :class:`Task` (built-ins ``"cross_entropy"``, ``"bce"``)
 - methods: :func:`self_influence`, :func:`influence`, :func:`pairwise_influence`,
-  :func:`ensemble`, :func:`outlier_scores` (Outlier Gradient Analysis), :mod:`hessfree.baselines`
+  :func:`ensemble`, :func:`outlier_scores` (Outlier Gradient Analysis), :func:`dit` /
+  :func:`dit_epochs` (Dynamic Influence Tracker, queries in :mod:`hessfree.queries`, patterns by
+  :func:`influence_patterns`, ground truth in :mod:`hessfree.oracle`), :mod:`hessfree.baselines`
 - targets: :mod:`hessfree.targets` (``Loss``, ``Prediction``)
 - results: :class:`Scores`; evaluation: :mod:`hessfree.metrics`
 
@@ -13,22 +15,26 @@ Sign convention: an influence score is the estimated increase of the target if t
 removed (loss target: positive = helpful, negative = harmful); self-influence and other
 outlier-kind scores: higher = more suspicious.
 """
-from hessfree import baselines, data, metrics, targets
+from hessfree import baselines, data, metrics, queries, targets
 from hessfree.evaluate.retrain import TrimResult, evaluate_model, trim_and_retrain
 from hessfree.errors import (CheckpointMismatchError, HessfreeError, InputError, LabelError, NonFiniteError,
                              ParameterSelectionError, RunDirectoryError)
+from hessfree.evaluate.patterns import Patterns, influence_patterns
+from hessfree.methods.dit import dit, dit_epochs
 from hessfree.methods.ensemble import ensemble
 from hessfree.methods.outlier import outlier_scores
 from hessfree.methods.tracin import influence, pairwise_influence, self_influence
 from hessfree.run import Run, fit
 from hessfree.scores import Scores
 from hessfree.tasks import BCEWithLogits, CrossEntropy, Task
+from hessfree import oracle  # noqa: E402  (after the methods it wraps)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "fit", "Run", "Task", "CrossEntropy", "BCEWithLogits", "Scores", "targets", "baselines", "data", "metrics",
-    "self_influence", "influence", "pairwise_influence", "ensemble", "outlier_scores", "trim_and_retrain", "evaluate_model",
+    "self_influence", "influence", "pairwise_influence", "ensemble", "outlier_scores", "dit", "dit_epochs", "queries", "oracle",
+    "influence_patterns", "Patterns", "trim_and_retrain", "evaluate_model",
     "TrimResult",
     "HessfreeError", "InputError", "CheckpointMismatchError", "ParameterSelectionError", "LabelError",
     "NonFiniteError", "RunDirectoryError",

@@ -1,0 +1,297 @@
+"""Dynamic Influence Tracker (spec dit.md): the influence of every training sample over any time
+window of a recorded SGD run, by one backward (adjoint) sweep of exact Hessian-vector products.
+
+Training: θ[t+1] = θ[t] − (η_t/|S_t|) Σ_{i∈S_t} ∇l_i(θ[t]), l_i including the run's explicit L2
+term (α/2)||θ||². Removing sample j (same batches, same rates, denominator kept at |S_t|) moves
+the trajectory by δ_j[t], to first order
+
+    δ_j[0] = 0,   δ_j[t+1] = (I − η_t H[t]) δ_j[t] + 1[j∈S_t] (η_t/|S_t|) ∇l_j(θ[t])
+
+with H[t] the Hessian of the batch-mean training loss at θ[t]. For a query F with q(t) = ∇F(θ[t]):
+
+- ``mode="delta"`` (j removed from the whole run; the window picks when the change is measured):
+  I_j[t1, t2] = ⟨q(t2), δ_j[t2]⟩ − ⟨q(t1), δ_j[t1]⟩ — windows telescope;
+- ``mode="window_removal"`` (j removed only for steps t1 ≤ t < t2): I_j = ⟨q(t2), δ̃_j[t2]⟩.
+
+Sign: score = F(removed) − F(original); for a loss query negative = harmful (the project's
+convention). Because every H[t] is symmetric, the query is carried backwards (u ← u − η_t H[t] u)
+instead of N deviations forwards, so one sweep scores all N samples: per step one batched
+forward-over-reverse pass (``torch.func.jvp`` of ``grad``) gives H[t]u for every live adjoint and
+⟨u, ∇l_j⟩ for every sample of the batch. Everything is float64; H is never formed, inverted or damped.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vmap
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from hessfree.datasets import iter_batches, to_device
+from hessfree.errors import InputError
+from hessfree.queries import Query, resolve_query
+from hessfree.run import Run, _require_trajectory, check_replay_dataset, check_trajectory_model, replay_states, \
+    unflatten
+from hessfree.scores import SIGN_CONVENTION, Scores
+
+MODES = ("delta", "window_removal")
+
+
+# ----------------------------------------------------------------------------- functional view
+class _QueryModule(nn.Module):
+    def __init__(self, model: nn.Module, query: Query, task: Any):
+        super().__init__()
+        self.model, self.query, self.task = model, query, task
+
+    def forward(self) -> Tensor:
+        return self.query.value(self.model, self.task)
+
+
+class FunctionalRun:
+    """The run's model as functions of the flat trainable-parameter vector θ, in ``dtype``."""
+
+    def __init__(self, run: Run, dataset: Dataset, dtype: torch.dtype = torch.float64, device: Any = None):
+        traj = _require_trajectory(run)
+        self.run, self.traj, self.dataset, self.dtype = run, traj, dataset, dtype
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.task, self.log, self.l2 = run.task, run.step_log, traj.l2
+        model = copy.deepcopy(run.model)
+        model.load_state_dict(traj.base)
+        self.model = model.to(device=self.device, dtype=dtype).eval()
+        self.names, self.shapes = traj.names, traj.shapes
+        self._batch_cache: dict[int, tuple[Any, Any]] = {}
+
+    def params(self, theta: Tensor, prefix: str = "") -> dict[str, Tensor]:
+        return {prefix + n: v for n, v in zip(self.names, unflatten(theta, self.shapes))}
+
+    def batch(self, t: int) -> tuple[Any, Any, np.ndarray]:
+        """(inputs, targets, dataset positions) of step t, cast to ``dtype``."""
+        pos = self.log.positions[t]
+        _, b = next(iter_batches(self.dataset, len(pos), pos))
+        x, y = self.task.split(to_device(b, self.device, self.dtype))
+        return x, y, pos
+
+    def losses(self, theta: Tensor, x: Any, y: Any) -> Tensor:
+        """(B,) per-sample losses WITHOUT the L2 term."""
+        return self.task.per_sample_loss(functional_call(self.model, self.params(theta), (x,)), y)
+
+    def query_value(self, query: Query, theta: Tensor) -> Tensor:
+        return functional_call(_QueryModule(self.model, query, self.task), self.params(theta, "model."), ())
+
+    def query_grad(self, query: Query, theta: Tensor) -> Tensor:
+        th = theta.detach().to(self.device, self.dtype).requires_grad_(True)
+        value = self.query_value(query, th)
+        if not isinstance(value, Tensor) or value.numel() != 1:
+            raise InputError(f"the query must return a scalar tensor, got {type(value).__name__}"
+                             f"{tuple(value.shape) if isinstance(value, Tensor) else ''}")
+        if not value.requires_grad:
+            raise InputError("the query does not depend on the model's trainable parameters: its value has no "
+                             "gradient, so every influence on it is zero; query something the model computes")
+        (g,) = torch.autograd.grad(value.reshape(()), th, allow_unused=True)
+        if g is None:
+            raise InputError("the query does not depend on the model's trainable parameters")
+        return g.detach()
+
+    def hvp_and_dots(self, theta: Tensor, x: Any, y: Any, U: Tensor) -> tuple[Tensor, Tensor]:
+        """For adjoints U (m, P): (H U (m, P), D (m, B)) with H the Hessian of the batch-mean loss
+        incl. the L2 term at θ, and D[a, i] = ⟨U_a, ∇l_i(θ)⟩ with l_i incl. the L2 term."""
+        l2 = self.l2
+
+        def objective(th: Tensor) -> tuple[Tensor, Tensor]:
+            losses = self.losses(th, x, y)
+            obj = losses.mean()
+            if l2:
+                obj = obj + 0.5 * l2 * (th * th).sum()
+            return obj, losses
+
+        g = grad(objective, has_aux=True)
+
+        def one(v: Tensor) -> tuple[Tensor, Tensor]:
+            _, (hv, dl) = jvp(g, (theta,), (v,))
+            return hv, dl
+
+        HU, D = vmap(one)(U)
+        if l2:
+            D = D + l2 * (U @ theta)[:, None]
+        return HU, D
+
+
+class ThetaCache:
+    """θ[t] in float64, read backwards: stored steps directly, the rest replayed a segment at a time
+    (segments between stored steps, so at most K + 1 vectors are held)."""
+
+    def __init__(self, fr: FunctionalRun):
+        self.fr = fr
+        self._lo, self._states = -1, None
+
+    def __call__(self, t: int) -> Tensor:
+        traj = self.fr.traj
+        th = traj.stored(t)
+        if th is None:
+            if self._states is None or not self._lo <= t < self._lo + len(self._states):
+                i = int(np.searchsorted(traj.steps, t, side="right")) - 1
+                lo, hi = int(traj.steps[i]), int(traj.steps[i + 1])
+                self._states, self._lo = replay_states(self.fr.run, self.fr.dataset, lo, hi), lo
+            th = self._states[t - self._lo]
+        return th.to(self.fr.device, self.fr.dtype)
+
+
+# ----------------------------------------------------------------------------- windows
+def steps_per_epoch(run: Run) -> int:
+    spe = run.manifest.get("steps_per_epoch")
+    if not spe:
+        raise InputError("this run does not record its steps per epoch; give the window as (t1, t2) steps")
+    return int(spe)
+
+
+def resolve_window(run: Run, window: Any) -> tuple[int, int]:
+    """``"all"`` → (0, T); ``"epoch:k"`` (0-based) → that epoch's steps; ``(t1, t2)`` with 0 ≤ t1 < t2 ≤ T."""
+    T = _require_trajectory(run).n_steps
+    if window == "all":
+        return 0, T
+    if isinstance(window, str) and window.startswith("epoch:"):
+        try:
+            k = int(window.split(":", 1)[1])
+        except ValueError:
+            raise InputError(f"window {window!r}: write 'epoch:k' with an integer epoch k (0-based)") from None
+        spe = steps_per_epoch(run)
+        epochs = -(-T // spe)
+        if not 0 <= k < epochs:
+            raise InputError(f"window {window!r} is outside the run: epochs are 0..{epochs - 1}")
+        return k * spe, min(T, (k + 1) * spe)
+    if isinstance(window, (tuple, list)) and len(window) == 2 and all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in window):
+        t1, t2 = int(window[0]), int(window[1])
+        if not 0 <= t1 < t2 <= T:
+            raise InputError(f"window {tuple(window)} is outside the run: need 0 <= t1 < t2 <= {T} (steps)")
+        return t1, t2
+    raise InputError(f"window must be 'all', 'epoch:k' or a (t1, t2) pair of steps, got {window!r}")
+
+
+def epoch_windows(run: Run) -> list[tuple[int, int]]:
+    T, spe = _require_trajectory(run).n_steps, steps_per_epoch(run)
+    return [(a, min(T, a + spe)) for a in range(0, T, spe)]
+
+
+# ----------------------------------------------------------------------------- the sweep
+@dataclass
+class _Adjoint:
+    start: int  # u = coef-scaled q(θ[start]) enters before step start − 1 is processed
+    stop: int  # last step processed
+    coef: np.ndarray  # (W,) weight of this adjoint's contributions in each window's row
+    u: Tensor | None = None
+
+
+def _plan(windows: list[tuple[int, int]], mode: str) -> list[_Adjoint]:
+    W = len(windows)
+    adj: dict[tuple[int, int], np.ndarray] = {}
+    for w, (t1, t2) in enumerate(windows):
+        pieces = [(t2, t1, 1.0)] if mode == "window_removal" else [(t2, 0, 1.0)] + ([(t1, 0, -1.0)] if t1 > 0 else [])
+        for start, stop, sign in pieces:
+            adj.setdefault((start, stop), np.zeros(W))[w] += sign
+    return [_Adjoint(s, e, c) for (s, e), c in adj.items() if np.any(c != 0)]
+
+
+def sweep(fr: FunctionalRun, query: Query, windows: list[tuple[int, int]], mode: str,
+          progress: bool = True) -> np.ndarray:
+    """(W, N) window scores by one backward sweep. Adjoints that stop at the same step and carry
+    proportional window weights share one vector (the spec's ``u ← u − q(t1)``)."""
+    n = len(fr.log.sample_ids)
+    plan = _plan(windows, mode)
+    theta_at = ThetaCache(fr)
+    query.prepare(fr.dtype, fr.device)
+    scores = torch.zeros(len(windows), n, dtype=torch.float64, device=fr.device)
+    top, bottom = max(a.start for a in plan), min(a.stop for a in plan)
+    live: list[_Adjoint] = []
+    pending = sorted(plan, key=lambda a: -a.start)
+    bar = tqdm(total=top - bottom, desc="dit sweep", disable=not progress, leave=False)
+    for t in range(top - 1, bottom - 1, -1):
+        while pending and pending[0].start == t + 1:
+            a = pending.pop(0)
+            q = fr.query_grad(query, theta_at(t + 1))
+            host = next((b for b in live if b.stop == a.stop and _ratio(a.coef, b.coef) is not None), None)
+            if host is not None:
+                host.u = host.u + _ratio(a.coef, host.coef) * q
+            else:
+                a.u = q
+                live.append(a)
+        if live:
+            theta = theta_at(t)
+            x, y, pos = fr.batch(t)
+            U = torch.stack([a.u for a in live])
+            HU, D = fr.hvp_and_dots(theta, x, y, U)
+            C = torch.as_tensor(np.stack([a.coef for a in live]), dtype=torch.float64, device=fr.device)  # (m, W)
+            eta = float(fr.log.learning_rates[t])
+            scores[:, torch.as_tensor(pos, device=fr.device)] += (eta / len(pos)) * (C.T @ D.double())
+            for a, hu in zip(live, HU):
+                a.u = a.u - eta * hu
+            live = [a for a in live if a.stop < t]
+        bar.update(1)
+    bar.close()
+    return scores.cpu().numpy()
+
+
+def _ratio(a: np.ndarray, b: np.ndarray) -> float | None:
+    """λ with a = λ b, or None."""
+    i = int(np.argmax(np.abs(b)))
+    if b[i] == 0:
+        return None
+    lam = a[i] / b[i]
+    return float(lam) if np.allclose(a, lam * b, rtol=0, atol=1e-12) else None
+
+
+# ----------------------------------------------------------------------------- public API
+def _checked(run: Run, train_dataset: Dataset, query: Any, mode: str) -> tuple[Query, FunctionalRun]:
+    _require_trajectory(run)
+    if mode not in MODES:
+        raise InputError(f"mode must be one of {MODES}, got {mode!r}")
+    check_trajectory_model(run.model)
+    check_replay_dataset(run, train_dataset)
+    q = resolve_query(query)
+    return q, FunctionalRun(run, train_dataset)
+
+
+def dit(run: Run, train_dataset: Dataset, query: Any, *, window: Any = "all", mode: str = "delta",
+        progress: bool = True) -> Scores:
+    """Influence of every training sample on ``query`` over ``window``: Scores (N,).
+
+    ``window``: ``"all"``, ``"epoch:k"`` (0-based) or ``(t1, t2)`` steps (θ[t] is the model before
+    step t). ``mode``: ``"delta"`` or ``"window_removal"`` (module docstring). Score = F(removed)
+    − F(original): for a loss query negative = harmful. Needs a run recorded with
+    ``hessfree.fit(..., record="every_step" | K)``.
+    """
+    t0 = time.perf_counter()
+    q, fr = _checked(run, train_dataset, query, mode)
+    t1, t2 = resolve_window(run, window)
+    fr_theta = ThetaCache(fr)(t2)
+    q.prepare(fr.dtype, fr.device)
+    fr.query_grad(q, fr_theta)  # refuses a query that does not depend on θ before the sweep
+    values = sweep(fr, q, [(t1, t2)], mode, progress)[0]
+    return Scores(values, run.step_log.sample_ids, _meta(run, q, mode, [(t1, t2)], t0, window=window))
+
+
+def dit_epochs(run: Run, train_dataset: Dataset, query: Any, *, mode: str = "delta",
+               progress: bool = True) -> Scores:
+    """Per-epoch window scores in one sweep: Scores of shape (epochs, N); row e is the window of
+    epoch e (0-based). In ``delta`` mode the rows sum to the whole-run scores."""
+    t0 = time.perf_counter()
+    q, fr = _checked(run, train_dataset, query, mode)
+    windows = epoch_windows(run)
+    q.prepare(fr.dtype, fr.device)
+    fr.query_grad(q, ThetaCache(fr)(windows[-1][1]))
+    values = sweep(fr, q, windows, mode, progress)
+    return Scores(values, run.step_log.sample_ids, _meta(run, q, mode, windows, t0, window="epochs"))
+
+
+def _meta(run: Run, q: Query, mode: str, windows: list[tuple[int, int]], t0: float, **extra: Any) -> dict:
+    return {"method": "dit", "kind": "influence", "goal": q.goal, "mode": mode, "query": q.describe(),
+            "windows": [list(w) for w in windows], "n_steps": run.trajectory.n_steps,
+            "record_every": run.trajectory.every, "l2": run.trajectory.l2, "dtype": "float64",
+            "score": "F(removed) - F(original)", "sign_convention": SIGN_CONVENTION,
+            "timing": {"total_s": time.perf_counter() - t0}, **extra}

@@ -1,0 +1,166 @@
+"""Queries of the Dynamic Influence Tracker: the scalar F(θ) whose change a removal causes (dit.md §6).
+
+A query is evaluated on the run's model with the parameters θ[t] of some step swapped in; its
+gradient q(t) = ∇F(θ[t]) is taken in float64 by plain autograd (so a query may itself use
+autograd, as :class:`Saliency` does).
+
+| query | F(θ) | goal |
+|---|---|---|
+| ``ValLoss(val_dataset)`` | mean loss of the run's Task over the dataset (no L2 term) | minimize |
+| ``Prediction(inputs, index)`` | mean output ``index`` (a logit) over ``inputs`` | maximize |
+| ``Saliency(x, y, coordinate)`` | ∂l(x, y; θ)/∂x_k for one input coordinate k (flat index) | maximize |
+| ``Custom(fn)`` or a bare callable | ``fn(model) -> scalar`` | ``goal=`` |
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from hessfree.datasets import dataset_size, iter_batches, to_device
+from hessfree.errors import InputError
+from hessfree.tasks import Task
+
+
+class Query:
+    """Subclass: implement ``value(model, task) -> scalar``; ``prepare`` casts held data once."""
+
+    goal = "minimize"
+
+    def prepare(self, dtype: torch.dtype, device: Any) -> None:
+        """Cast held data to ``dtype`` on ``device`` (called once before a sweep or replay)."""
+
+    def value(self, model: nn.Module, task: Task) -> Tensor:
+        raise NotImplementedError
+
+    def validate(self) -> None:
+        """Cheap checks before any expensive work."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": type(self).__name__, "goal": self.goal}
+
+
+class ValLoss(Query):
+    """Mean per-sample loss (the run's Task, without the L2 term) over a validation dataset."""
+
+    goal = "minimize"
+
+    def __init__(self, dataset: Dataset, batch_size: int = 4096):
+        self.dataset, self.batch_size = dataset, batch_size
+        self._batches: list[Any] = []
+
+    def validate(self) -> None:
+        dataset_size(self.dataset, "validation dataset of the query")
+
+    def prepare(self, dtype: torch.dtype, device: Any) -> None:
+        self._n = dataset_size(self.dataset, "validation dataset of the query")
+        self._batches = [to_device(b, device, dtype) for _, b in iter_batches(self.dataset, self.batch_size)]
+
+    def value(self, model: nn.Module, task: Task) -> Tensor:
+        total = 0.0
+        for batch in self._batches:
+            x, y = task.split(batch)
+            total = total + task.per_sample_loss(task.forward(model, x), y).sum()
+        return total / self._n
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "n": dataset_size(self.dataset)}
+
+
+class Prediction(Query):
+    """Mean of output column ``index`` (e.g. a class logit) over ``inputs`` (a batch tensor)."""
+
+    goal = "maximize"
+
+    def __init__(self, inputs: Tensor, index: int = 0):
+        self.inputs, self.index = inputs, index
+        self._x: Tensor | None = None
+
+    def validate(self) -> None:
+        if not isinstance(self.inputs, Tensor) or self.inputs.ndim < 1 or len(self.inputs) == 0:
+            raise InputError("Prediction needs a non-empty batch tensor of inputs (first dimension = samples)")
+        if isinstance(self.index, bool) or not isinstance(self.index, int) or self.index < 0:
+            raise InputError(f"Prediction index must be a non-negative int, got {self.index!r}")
+
+    def prepare(self, dtype: torch.dtype, device: Any) -> None:
+        self._x = to_device(self.inputs, device, dtype)
+
+    def value(self, model: nn.Module, task: Task) -> Tensor:
+        out = task.forward(model, self._x)
+        out = out.reshape(out.shape[0], -1)
+        if self.index >= out.shape[1]:
+            raise InputError(f"Prediction index {self.index} is outside the model's {out.shape[1]} outputs")
+        return out[:, self.index].mean()
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "index": self.index, "n": int(len(self.inputs))}
+
+
+class Saliency(Query):
+    """∂l(x, y; θ)/∂x_k: the input gradient of one sample's loss at coordinate k of the flattened
+    input. Its θ-gradient needs double backprop, which plain autograd gives."""
+
+    goal = "maximize"
+
+    def __init__(self, x: Tensor, y: Any, coordinate: int):
+        self.x, self.y, self.coordinate = x, y, coordinate
+        self._x: Tensor | None = None
+        self._y: Any = None
+
+    def validate(self) -> None:
+        if not isinstance(self.x, Tensor) or not self.x.dtype.is_floating_point:
+            raise InputError("Saliency needs one floating-point input tensor x (without a batch dimension)")
+        if isinstance(self.coordinate, bool) or not isinstance(self.coordinate, int) or \
+                not 0 <= self.coordinate < self.x.numel():
+            raise InputError(f"Saliency coordinate must be an int in [0, {self.x.numel()}), got {self.coordinate!r}")
+
+    def prepare(self, dtype: torch.dtype, device: Any) -> None:
+        self._x = to_device(self.x, device, dtype)
+        self._y = to_device(torch.as_tensor(self.y), device, dtype)
+
+    def value(self, model: nn.Module, task: Task) -> Tensor:
+        x = self._x.detach().clone().requires_grad_(True)
+        loss = task.per_sample_loss(task.forward(model, x[None]), self._y.reshape(1, *self._y.shape)).sum()
+        (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+        return gx.reshape(-1)[self.coordinate]
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "coordinate": self.coordinate}
+
+
+class Custom(Query):
+    """Any differentiable ``fn(model) -> scalar`` (the model holds the step's parameters)."""
+
+    def __init__(self, fn: Callable[[nn.Module], Tensor], goal: str = "minimize"):
+        self.fn, self.goal = fn, goal
+
+    def validate(self) -> None:
+        if not callable(self.fn):
+            raise InputError("Custom query needs a callable fn(model) -> scalar tensor")
+        if self.goal not in ("minimize", "maximize"):
+            raise InputError(f"goal must be 'minimize' or 'maximize', got {self.goal!r}")
+
+    def value(self, model: nn.Module, task: Task) -> Tensor:
+        return self.fn(model)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "fn": getattr(self.fn, "__name__", type(self.fn).__name__)}
+
+
+def resolve_query(query: Any) -> Query:
+    """A Query; a bare dataset means ``ValLoss(dataset)``, a bare callable ``Custom(fn)``."""
+    if query is None:
+        raise InputError("give a query: queries.ValLoss(val_dataset) (the usual choice), queries.Prediction, "
+                         "queries.Saliency, or a callable fn(model) -> scalar")
+    if isinstance(query, Query):
+        q = query
+    elif isinstance(query, Dataset):
+        q = ValLoss(query)
+    elif callable(query):
+        q = Custom(query)
+    else:
+        raise InputError(f"cannot use a {type(query).__name__} as a query")
+    q.validate()
+    return q
