@@ -89,11 +89,11 @@ def _window_quantity(run: Run, train_dataset: Dataset, sample_ids: Sequence[int]
 
     def quantity(states: dict[int, Tensor]) -> np.ndarray:
         vals = []
-        for i in range(states[t2].shape[0]):
-            with torch.no_grad():
-                v = fr.query_value(q, states[t2][i]) if mode == "window_removal" or t1 == 0 else \
-                    fr.query_value(q, states[t2][i]) - fr.query_value(q, states[t1][i])
-            vals.append(float(v))
+        for i in range(states[t2].shape[0]):  # no torch.no_grad(): a query may use autograd (Saliency)
+            v = fr.query_value(q, states[t2][i])
+            if mode == "delta" and t1 > 0:
+                v = v - fr.query_value(q, states[t1][i])
+            vals.append(float(v.detach()))
         return np.array(vals)
 
     n_chunks = -(-len(pos) // chunk)
