@@ -16,8 +16,8 @@ with H[t] the Hessian of the batch-mean training loss at θ[t]. For a query F wi
 Sign: score = F(removed) − F(original); for a loss query negative = harmful (the project's
 convention). Because every H[t] is symmetric, the query is carried backwards (u ← u − η_t H[t] u)
 instead of N deviations forwards, so one sweep scores all N samples: per step one batched
-forward-over-reverse pass (``torch.func.jvp`` of ``grad``) gives H[t]u for every live adjoint and
-⟨u, ∇l_j⟩ for every sample of the batch. Everything is float64; H is never formed, inverted or damped.
+double-backprop pass gives H[t]u for every live adjoint and ⟨u, ∇l_j⟩ for every sample of the
+batch (see :meth:`FunctionalRun.hvp_and_dots`). Everything is float64; H is never formed, inverted or damped.
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vmap
-from torch.utils.data import Dataset
+from torch.func import functional_call
+from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from hessfree.datasets import iter_batches, to_device
@@ -65,7 +65,7 @@ class FunctionalRun:
         model.load_state_dict(traj.base)
         self.model = model.to(device=self.device, dtype=dtype).eval()
         self.names, self.shapes = traj.names, traj.shapes
-        self._batch_cache: dict[int, tuple[Any, Any]] = {}
+        self._tensors: list[Tensor] | None = None
 
     def params(self, theta: Tensor, prefix: str = "") -> dict[str, Tensor]:
         return {prefix + n: v for n, v in zip(self.names, unflatten(theta, self.shapes))}
@@ -73,8 +73,15 @@ class FunctionalRun:
     def batch(self, t: int) -> tuple[Any, Any, np.ndarray]:
         """(inputs, targets, dataset positions) of step t, cast to ``dtype``."""
         pos = self.log.positions[t]
-        _, b = next(iter_batches(self.dataset, len(pos), pos))
-        x, y = self.task.split(to_device(b, self.device, self.dtype))
+        if self._tensors is None and isinstance(self.dataset, TensorDataset):
+            # one cast of the whole (small) tensor dataset instead of one per step
+            self._tensors = [to_device(v, self.device, self.dtype) for v in self.dataset.tensors]
+        if self._tensors is not None:
+            b: Any = tuple(v[torch.as_tensor(pos, device=self.device)] for v in self._tensors)
+        else:
+            _, b = next(iter_batches(self.dataset, len(pos), pos))
+            b = to_device(b, self.device, self.dtype)
+        x, y = self.task.split(b)
         return x, y, pos
 
     def losses(self, theta: Tensor, x: Any, y: Any) -> Tensor:
@@ -100,26 +107,27 @@ class FunctionalRun:
 
     def hvp_and_dots(self, theta: Tensor, x: Any, y: Any, U: Tensor) -> tuple[Tensor, Tensor]:
         """For adjoints U (m, P): (H U (m, P), D (m, B)) with H the Hessian of the batch-mean loss
-        incl. the L2 term at θ, and D[a, i] = ⟨U_a, ∇l_i(θ)⟩ with l_i incl. the L2 term."""
-        l2 = self.l2
+        incl. the L2 term at θ, and D[a, i] = ⟨U_a, ∇l_i(θ)⟩ with l_i incl. the L2 term.
 
-        def objective(th: Tensor) -> tuple[Tensor, Tensor]:
-            losses = self.losses(th, x, y)
-            obj = losses.mean()
-            if l2:
-                obj = obj + 0.5 * l2 * (th * th).sum()
-            return obj, losses
-
-        g = grad(objective, has_aux=True)
-
-        def one(v: Tensor) -> tuple[Tensor, Tensor]:
-            _, (hv, dl) = jvp(g, (theta,), (v,))
-            return hv, dl
-
-        HU, D = vmap(one)(U)
-        if l2:
-            D = D + l2 * (U @ theta)[:, None]
-        return HU, D
+        Double backprop with a per-sample weight vector w (= 1/B): h = ∇_θ Σ_i w_i l_i, and one more
+        backward of ⟨h, u⟩ gives both ∂/∂θ = H_data u and ∂/∂w = (⟨∇l_i, u⟩)_i = J u — one forward,
+        one backward and one double-backward per adjoint, nothing formed.
+        """
+        th = theta.detach().requires_grad_(True)
+        losses = self.losses(th, x, y)
+        B = losses.shape[0]
+        w = torch.full((B,), 1.0 / B, dtype=losses.dtype, device=losses.device, requires_grad=True)
+        (h,) = torch.autograd.grad(losses, th, grad_outputs=w, create_graph=True)
+        m = U.shape[0]
+        if m == 1:
+            hu, dl = torch.autograd.grad(h, (th, w), grad_outputs=U[0])
+            HU, D = hu[None], dl[None]
+        else:
+            HU, D = torch.autograd.grad(h, (th, w), grad_outputs=U, is_grads_batched=True)
+        if self.l2:
+            HU = HU + self.l2 * U
+            D = D + self.l2 * (U @ theta)[:, None]
+        return HU.detach(), D.detach()
 
 
 class ThetaCache:
