@@ -379,7 +379,8 @@ def fit(model: nn.Module, train_dataset: Dataset, *, loss: str | Task = "cross_e
         "lr": float(lr) if not callable(lr) else "schedule", "checkpoints": [], "steps": None,
         "l2": l2, "record": record, "trajectory": None,
     }
-    initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # a copy only when the trajectory needs it (buffers and frozen tensors at θ[0])
+    initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()} if every else model.state_dict()
     if work_dir is not None:
         write_json(work_dir / MANIFEST, manifest)
         write_safetensors(work_dir / "checkpoints" / "init.safetensors", initial_state)
