@@ -1,0 +1,371 @@
+"""Outlier Gradient Analysis speed: closed-form last-layer L1 / L2 against vmap per-sample gradients.
+
+Setting: N = 100,000 synthetic samples (``--n``) through a final linear layer of 640 weights:
+with ``--model head`` (default) 64 standard-normal features go straight into
+``Linear(64, 10, bias=False)``; with ``--model mlp`` 20 features go through a
+``Linear(20, 64), ReLU`` body first (its forward is shared by every path, so it only dilutes the
+ratio). Features from a seeded ``torch.Generator``; labels = argmax of a seeded random linear
+teacher, 5% of them replaced by uniformly random classes; ``torch.manual_seed(seed)`` init, not
+trained (the timings do not depend on the weights); loss cross-entropy,
+``params="last_layer_weight"`` = the 640 weights of the final layer.
+
+For detector in (l1, l2) the whole ``hessfree.outlier_scores`` call is timed (wall clock around
+the call) with
+
+* ``gradient_path="closed_form"``: r = softmax(z) - e_y and h from one forward pass,
+  ||g||_2 = ||r||_2 ||h||_2 and sum|g| = ||r||_1 ||h||_1 (no backward, no outer product);
+* ``gradient_path="vmap"``: the ``torch.func`` ``vmap(grad)`` per-sample reference;
+* ``gradient_path="engine"``: the factorised-hook gradient engine (an extra row);
+
+all at the same ``--batch-size``. The paths' score vectors are compared (against the vmap one).
+Then ``detector="iforest"`` on the closed-form dense (N, 640) gradient features, with the
+split of ``scores.meta["timing"]`` into ``gradients_s`` and ``detector_s`` (and, as an extra
+row, the same with the vmap features). A last row times the bare model forward over the data
+in the same batches: the floor every path shares.
+
+Each configuration is warmed up once on the first 4 batches (one-time costs: imports, torch.func
+set-up), then called ``--repeats`` times at full N, the configurations interleaved within each
+repeat so that a change in machine load hits them alike; the median is reported. Acceptance
+(issue): closed-form L1 / L2 at least 20x faster than the vmap path.
+
+Usage::
+
+    .venv/bin/python benchmarks/oga_speed.py                     # writes benchmarks/results/oga_speed.json
+    .venv/bin/python benchmarks/oga_speed.py --n 20000 --repeats 1 --out /tmp/oga_speed.json   # smoke run
+    .venv/bin/python benchmarks/oga_speed.py --threads 1 --batch-size 4096
+
+Other processes on the machine distort the timings (two torch threads on a two-core machine
+that is also running something else are slowed down many times over): the load average and the
+share of the CPUs that other processes used during each repeat (from /proc/stat) are kept in the
+JSON, and the table warns when that share exceeds 10%.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import hessfree
+from hessfree.io import write_json
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "results" / "oga_speed.json"
+D_IN, HIDDEN, CLASSES = 20, 64, 10
+LABEL_NOISE = 0.05
+THRESHOLD = 20.0  # acceptance: vmap time / closed-form time for L1 and L2
+EXPECTED_PATH = {"closed_form": "closed_form", "engine": "factorised", "vmap": "vmap"}
+WARMUP_BATCHES = 4
+CONTENDED_SHARE = 0.10  # other processes' share of the CPUs above which a repeat is flagged as contended
+
+
+def make_data(n: int, seed: int, d_in: int = D_IN) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d_in, generator=g)
+    teacher = torch.randn(d_in, CLASSES, generator=g)
+    y = (X @ teacher).argmax(1)
+    flip = torch.rand(n, generator=g) < LABEL_NOISE
+    y[flip] = torch.randint(0, CLASSES, (int(flip.sum()),), generator=g)
+    return TensorDataset(X, y)
+
+
+def make_model(seed: int, kind: str = "mlp") -> nn.Sequential:
+    torch.manual_seed(seed)
+    if kind == "head":  # the samples' features go straight through the final layer of 640 weights
+        return nn.Sequential(nn.Linear(HIDDEN, CLASSES, bias=False))
+    return nn.Sequential(nn.Linear(D_IN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, CLASSES, bias=False))
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _cpu_snapshot() -> tuple[float, float] | None:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process), from /proc/stat (Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
+    except (OSError, ValueError):
+        return None
+    own = os.times()
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+def other_cpu_share(before: tuple[float, float] | None, after: tuple[float, float] | None, wall: float) -> float | None:
+    """Share of the machine's CPU time that other processes used between two snapshots."""
+    if before is None or after is None or wall <= 0:
+        return None
+    others = (after[0] - before[0]) - (after[1] - before[1])
+    return max(0.0, others) / (wall * (os.cpu_count() or 1))
+
+
+def rel_diffs(x: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """max|x - ref| / max|ref| and max_i |x_i - ref_i| / |ref_i|."""
+    d = np.abs(x - ref)
+    return {"max_abs_over_max_ref": float(d.max() / max(np.abs(ref).max(), 1e-300)),
+            "max_elementwise_rel": float((d / np.maximum(np.abs(ref), 1e-300)).max())}
+
+
+class Config:
+    """One timed configuration: an outlier_scores call (or the bare forward) and its results."""
+
+    def __init__(self, key: str, detector: str | None, path: str | None, max_repeats: int):
+        self.key, self.detector, self.path, self.max_repeats = key, detector, path, max_repeats
+        self.times: list[float] = []
+        self.gradients_s: list[float] = []
+        self.detector_s: list[float] = []
+        self.meta_path: str | None = None
+        self.values: np.ndarray | None = None
+        self.warmup_s: float | None = None
+
+    def call(self, model: nn.Module, ds: TensorDataset, batch_size: int) -> tuple[float, Any]:
+        gc.collect()
+        if self.path is None:  # the bare forward in the same batches: the floor every path shares
+            X = ds.tensors[0]
+            model.eval()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                for s in range(0, len(X), batch_size):
+                    model(X[s:s + batch_size])
+            return time.perf_counter() - t0, None
+        t0 = time.perf_counter()
+        sc = hessfree.outlier_scores(model, ds, detector=self.detector, params="last_layer_weight",
+                                     gradient_path=self.path, batch_size=batch_size, loss="cross_entropy",
+                                     random_state=0, progress=False)
+        return time.perf_counter() - t0, sc
+
+    def record(self, seconds: float, sc: Any) -> None:
+        self.times.append(seconds)
+        if sc is None:
+            return
+        self.gradients_s.append(float(sc.meta["timing"]["gradients_s"]))
+        self.detector_s.append(float(sc.meta["timing"]["detector_s"]))
+        self.meta_path = sc.meta["gradient_path"]
+        if self.path in EXPECTED_PATH and self.meta_path != EXPECTED_PATH[self.path]:
+            raise RuntimeError(f"{self.key}: asked for gradient_path={self.path!r} but {self.meta_path!r} ran")
+        if self.values is None:
+            self.values = np.asarray(sc.values, dtype=np.float64)
+
+    def summary(self) -> dict[str, Any]:
+        med = lambda xs: float(statistics.median(xs)) if xs else None  # noqa: E731
+        return {"detector": self.detector, "gradient_path_requested": self.path, "gradient_path_ran": self.meta_path,
+                "repeats": len(self.times), "median_s": med(self.times), "min_s": min(self.times),
+                "times_s": self.times, "warmup_s_first_batches": self.warmup_s,
+                "gradients_s_median": med(self.gradients_s), "detector_s_median": med(self.detector_s),
+                "gradients_s": self.gradients_s, "detector_s": self.detector_s}
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    print(f"load average at start: {_loadavg()} on {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()} "
+          "(other processes competing for the CPUs distort the timings)", flush=True)
+    t_start = time.perf_counter()
+    ds = make_data(args.n, args.seed, HIDDEN if args.model == "head" else D_IN)
+    model = make_model(args.seed, args.model)
+    vmap_repeats = args.vmap_repeats if args.vmap_repeats is not None else args.repeats
+    configs = []
+    for det in ("l1", "l2"):
+        for path in ("closed_form", "engine", "vmap"):
+            configs.append(Config(f"{det}/{path}", det, path, vmap_repeats if path == "vmap" else args.repeats))
+    configs.append(Config("iforest/closed_form", "iforest", "closed_form", args.repeats))
+    if not args.no_iforest_vmap:
+        configs.append(Config("iforest/vmap", "iforest", "vmap", vmap_repeats))
+    configs.append(Config("forward_only", None, None, args.repeats))
+
+    warm = TensorDataset(*(t[:WARMUP_BATCHES * args.batch_size] for t in ds.tensors))
+    for c in configs:
+        c.warmup_s, _ = c.call(model, warm, args.batch_size)
+    print(f"warm-up done ({time.perf_counter() - t_start:.1f} s)", flush=True)
+
+    load_log = []
+    vmap_reduced = False
+    for r in range(max(args.repeats, vmap_repeats)):
+        before, cpu0, w0 = _loadavg(), _cpu_snapshot(), time.perf_counter()
+        for c in configs:
+            if len(c.times) >= c.max_repeats:
+                continue
+            if c.path == "vmap" and r >= 1 and c.times[0] > args.vmap_budget:
+                vmap_reduced = True  # one vmap call already took longer than the budget: keep that one
+                continue
+            seconds, sc = c.call(model, ds, args.batch_size)
+            c.record(seconds, sc)
+            del sc
+        share = other_cpu_share(cpu0, _cpu_snapshot(), time.perf_counter() - w0)
+        load_log.append({"repeat": r, "loadavg_before": before, "loadavg_after": _loadavg(),
+                         "wall_s": time.perf_counter() - w0, "other_processes_cpu_share": share})
+        print(f"repeat {r + 1} done ({time.perf_counter() - t_start:.1f} s, load {load_log[-1]['loadavg_after']}, "
+              f"other processes used {_f(share, '.0%')} of the CPUs)", flush=True)
+    shares = [x["other_processes_cpu_share"] for x in load_log if x["other_processes_cpu_share"] is not None]
+    contended = bool(shares) and max(shares) > CONTENDED_SHARE
+
+    res = {c.key: c.summary() for c in configs}
+    by = {c.key: c for c in configs}
+    for c in configs:  # agreement of the score vectors with the vmap reference of the same detector
+        ref = by.get(f"{c.detector}/vmap")
+        if c.values is not None and ref is not None and ref.values is not None:
+            res[c.key]["vs_vmap"] = rel_diffs(c.values, ref.values)
+        if c.detector in ("l1", "l2") and c.path != "closed_form":
+            cf = by[f"{c.detector}/closed_form"]
+            res[c.key]["vs_closed_form"] = rel_diffs(c.values, cf.values)
+    ratios: dict[str, Any] = {}
+    for det in ("l1", "l2"):
+        cf = res[f"{det}/closed_form"]["median_s"]
+        ratios[det] = {"vmap_over_closed_form": res[f"{det}/vmap"]["median_s"] / cf,
+                       "engine_over_closed_form": res[f"{det}/engine"]["median_s"] / cf,
+                       "closed_form_over_forward_only": cf / res["forward_only"]["median_s"]}
+    if "iforest/vmap" in res:
+        ratios["iforest"] = {
+            "vmap_over_closed_form_total": res["iforest/vmap"]["median_s"] / res["iforest/closed_form"]["median_s"],
+            "vmap_over_closed_form_gradients": (res["iforest/vmap"]["gradients_s_median"]
+                                                / res["iforest/closed_form"]["gradients_s_median"])}
+    acceptance = {"threshold": THRESHOLD, "criterion": "median vmap time / median closed-form time >= threshold, "
+                  "for detector l1 and l2 (whole outlier_scores call)",
+                  **{det: ratios[det]["vmap_over_closed_form"] >= THRESHOLD for det in ("l1", "l2")}}
+    acceptance["passed"] = bool(acceptance["l1"] and acceptance["l2"])
+
+    import sklearn
+    from importlib.metadata import version
+    n_weights = model[-1].weight.numel()
+    return {
+        "benchmark": "oga_speed",
+        "command": " ".join(["benchmarks/oga_speed.py", *sys.argv[1:]]),
+        "setting": {
+            "n": args.n, "features": HIDDEN if args.model == "head" else D_IN, "model_kind": args.model,
+            "classes": CLASSES, "label_noise": LABEL_NOISE, "seed": args.seed,
+            "data": f"X ~ N(0, 1) ({args.n}, {ds.tensors[0].shape[1]}) from torch.Generator().manual_seed({args.seed}); "
+                    "y = argmax of "
+                    f"a seeded random linear teacher, {LABEL_NOISE:.0%} replaced by random classes",
+            "model": (f"Sequential(Linear({HIDDEN}, {CLASSES}, bias=False))" if args.model == "head" else
+                      f"Sequential(Linear({D_IN}, {HIDDEN}), ReLU, Linear({HIDDEN}, {CLASSES}, bias=False))")
+                     + f", torch.manual_seed({args.seed}) init, untrained",
+            "params": "last_layer_weight", "n_weights": n_weights, "loss": "cross_entropy",
+            "batch_size": args.batch_size, "threads": args.threads,
+        },
+        "measurement": {
+            "timing": "wall clock (time.perf_counter) around the whole hessfree.outlier_scores call; median over "
+                      "repeats; configurations interleaved within each repeat; gc.collect() before each call",
+            "warmup": f"one untimed call per configuration on the first {WARMUP_BATCHES} batches",
+            "repeats": args.repeats, "vmap_repeats_requested": vmap_repeats,
+            "vmap_budget_s": args.vmap_budget,
+            "vmap_repeats_reduced": vmap_reduced,
+            "vmap_note": ("a vmap call took longer than --vmap-budget, so vmap configurations ran once"
+                          if vmap_reduced else "vmap configurations ran the full number of repeats"),
+            "agreement": "vs_vmap: max|x - x_vmap| / max|x_vmap| and max_i |x_i - x_vmap,i| / |x_vmap,i| of the "
+                         "score vectors (float32 work, compared in float64)",
+            "forward_only": "model(X[batch]) under no_grad over all N in the same batches, no hessfree call",
+            "load": load_log,
+            "contention": "other_processes_cpu_share = (machine busy CPU s from /proc/stat - this process's CPU s) "
+                          f"/ (wall s x cpu_count) per repeat; contended = any repeat above {CONTENDED_SHARE:.0%}",
+            "contended": contended,
+        },
+        "environment": {"python": sys.version.split()[0], "platform": platform.platform(),
+                        "torch": torch.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__,
+                        "hessfree": version("hessfree"), "torch_threads": torch.get_num_threads(),
+                        "cpu_count": os.cpu_count(), "loadavg_start": load_log[0]["loadavg_before"],
+                        "loadavg_end": _loadavg()},
+        "results": res,
+        "ratios": ratios,
+        "acceptance": acceptance,
+        "seconds": time.perf_counter() - t_start,
+    }
+
+
+def _f(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def format_table(p: dict[str, Any]) -> str:
+    res, ratios = p["results"], p["ratios"]
+    s = p["setting"]
+    lines = [f"N = {s['n']:,}, final layer {s['n_weights']} weights, batch {s['batch_size']}, "
+             f"{s['threads']} thread(s)", "",
+             "| detector | gradient path | median s | min s | reps | gradients s | detector s | vmap / this "
+             "| rel diff vs vmap |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for key, r in res.items():
+        det = r["detector"] or "(none)"
+        path = r["gradient_path_ran"] or ("model forward only" if r["gradient_path_requested"] is None else "?")
+        if r["gradient_path_requested"] == "engine":
+            path = f"engine ({path})"
+        ref = res.get(f"{r['detector']}/vmap")
+        ratio = ref["median_s"] / r["median_s"] if ref is not None else None
+        diff = r.get("vs_vmap", {}).get("max_abs_over_max_ref")
+        lines.append(f"| {det} | {path} | {r['median_s']:.4f} | {r['min_s']:.4f} | {r['repeats']} | "
+                     f"{_f(r['gradients_s_median'], '.4f')} | {_f(r['detector_s_median'], '.4f')} | "
+                     f"{_f(ratio, '.1f')} | {_f(diff, '.1e')} |")
+    lines.append("")
+    for det in ("l1", "l2"):
+        rr = ratios[det]
+        ok = "PASS" if p["acceptance"][det] else "FAIL"
+        lines.append(f"{det}: vmap / closed form = {rr['vmap_over_closed_form']:.1f}x ({ok} at >= "
+                     f"{p['acceptance']['threshold']:.0f}x), engine / closed form = "
+                     f"{rr['engine_over_closed_form']:.2f}x, closed form / bare forward = "
+                     f"{rr['closed_form_over_forward_only']:.2f}x")
+    if "iforest" in ratios:
+        rr = ratios["iforest"]
+        lines.append(f"iforest: vmap / closed form = {rr['vmap_over_closed_form_total']:.2f}x total, "
+                     f"{rr['vmap_over_closed_form_gradients']:.2f}x in the gradient phase")
+    lines.append("")
+    lines.append("median / min: wall clock of the whole outlier_scores call; gradients s / detector s: medians of "
+                 "scores.meta['timing']; rel diff = max|x - x_vmap| / max|x_vmap|.")
+    if p["measurement"]["contended"]:
+        worst = max(x["other_processes_cpu_share"] for x in p["measurement"]["load"]
+                    if x["other_processes_cpu_share"] is not None)
+        lines.append(f"WARNING: other processes used up to {worst:.0%} of the CPUs during a repeat: these timings are "
+                     "distorted (see 'load' in the JSON); rerun on a quiet machine.")
+    if p["measurement"]["vmap_repeats_reduced"]:
+        lines.append("NOTE: " + p["measurement"]["vmap_note"])
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=100_000, help="number of synthetic samples (default 100000)")
+    ap.add_argument("--batch-size", type=int, default=1024, help="batch size of every path (default 1024)")
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per configuration (default 3)")
+    ap.add_argument("--vmap-repeats", type=int, default=None, help="timed calls of the vmap configurations "
+                    "(default: --repeats)")
+    ap.add_argument("--vmap-budget", type=float, default=30.0, help="if one vmap call takes longer than this "
+                    "many seconds, that configuration is not repeated (default 30)")
+    ap.add_argument("--no-iforest-vmap", action="store_true", help="skip the extra iforest-on-vmap-features row")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", choices=("head", "mlp"), default="head",
+                    help="head: 64-d samples straight through the 640-weight final layer (the issue's setting); "
+                         "mlp: a 20-64 ReLU body before it (the body's forward is shared by every path)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
+    args = ap.parse_args(argv)
+    if args.n < 1 or args.batch_size < 1 or args.repeats < 1 or (args.vmap_repeats is not None
+                                                                 and args.vmap_repeats < 1):
+        ap.error("--n, --batch-size, --repeats and --vmap-repeats must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    payload = run_benchmark(args)
+    table = format_table(payload)
+    print()
+    print(table)
+    payload["table"] = table
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out, payload)
+    print(f"\nwrote {args.out} ({payload['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
