@@ -268,7 +268,9 @@ def test_object_with_suspicion_is_accepted():
     assert auroc(flipped, y) == pytest.approx(1.0 - ref_auroc(s, y))
     b = [x * 2.0 + 1.0 for x in s]
     assert pearson(obj, Suspicious(b)) == pytest.approx(1.0)
-    assert topk_jaccard(obj, b, 4) == 1.0
+    assert topk_jaccard(obj, Suspicious(b), 4) == 1.0
+    with pytest.raises(ValueError, match="explicitly"):  # a Scores object against a plain array is ambiguous
+        pearson(obj, b)
 
 
 def test_torch_tensors_work():

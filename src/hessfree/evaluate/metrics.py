@@ -301,6 +301,15 @@ def detection_accuracy(scores: Any, truth: Any, k: int | float) -> float:
 # agreement between two real-valued score vectors
 # --------------------------------------------------------------------------- #
 def _pair(a: Any, b: Any, metric: str, need_variation: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    scores_like = [callable(getattr(v, "suspicion", None)) for v in (a, b)]
+    if scores_like[0] != scores_like[1]:
+        # a Scores object is read as suspicion() (higher = more harmful), which for an influence score
+        # is −values: compared with a plain array (e.g. an oracle's F(removed) − F(original)) that
+        # silently flips the sign of the correlation
+        raise ValueError(
+            f"{metric}: one argument is a Scores object and the other a plain array; pass "
+            "scores.values (raw values, the sign of an oracle's F(removed) - F(original)) or "
+            "scores.suspicion() (higher = more harmful) explicitly.")
     x = _as_vector(a, "a")
     y = _as_vector(b, "b")
     if x.shape[0] != y.shape[0]:
@@ -323,8 +332,9 @@ def _pair(a: Any, b: Any, metric: str, need_variation: bool = True) -> tuple[np.
 def pearson(a: Any, b: Any) -> float:
     """Pearson (linear) correlation between two score vectors of shape ``(N,)``.
 
-    ``a`` and ``b`` are real-valued (lists, arrays, tensors or ``Scores``
-    objects, read via ``suspicion()``); neither may be constant.
+    ``a`` and ``b`` are real-valued (lists, arrays, tensors, or two ``Scores``
+    objects, both read via ``suspicion()``; a ``Scores`` object with a plain
+    array is refused as ambiguous); neither may be constant.
     """
     x, y = _pair(a, b, "pearson")
     return float(stats.pearsonr(x, y)[0])
