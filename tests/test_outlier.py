@@ -301,6 +301,9 @@ def test_bad_input_refused_before_gradient_work(noisy, no_gradient_work):
 
     with pytest.raises(InputError, match="score_samples"):
         hessfree.outlier_scores(run, data, detector=NoScore(), **Q)
+    for det, opts in (("iforest", {"n_estimator": 10}), ("ocsvm", {"nu": 2.0}), ("lof", {"novelty": True})):
+        with pytest.raises(InputError, match="detector_options|novelty"):
+            hessfree.outlier_scores(run, data, detector=det, detector_options=opts, reference=data, **Q)
     with pytest.raises(InputError, match="unknown detector"):
         hessfree.outlier_scores(run, data, detector="knn", **Q)
     with pytest.raises(InputError, match="own loss"):

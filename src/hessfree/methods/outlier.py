@@ -92,6 +92,9 @@ def outlier_scores(run_or_model: Run | nn.Module, train_dataset: Dataset, *, det
         _check_same_features(run, train_dataset, reference)
         if name in ("l1", "l2"):
             log.warning("detector %r does not use the reference dataset; it is ignored", name)
+    if name in ("iforest", "ocsvm", "lof"):  # options checked now, before any gradient work
+        n_fit = dataset_size(reference) if reference is not None else n
+        _sklearn_detector(name, detector_options or {}, int(random_state), n_fit, novelty=reference is not None)
     want = name if name in ("l1", "l2") and projection is None else "features"
 
     with Scorer(run, train_dataset, params=params, checkpoints="last", batch_size=batch_size, dtype=dtype,
@@ -240,6 +243,31 @@ def _check_same_features(run: Run, train: Dataset, reference: Dataset) -> None:
                          "must hold samples of the same kind (e.g. a validation split of the same data)")
 
 
+def _sklearn_detector(name: str, opts: dict, random_state: int, n_fit: int, novelty: bool) -> Any:
+    """The scikit-learn estimator of a named detector, its options checked (names and values)."""
+    if name == "iforest":
+        from sklearn.ensemble import IsolationForest as cls
+
+        kw = {"n_estimators": 100, "max_samples": min(256, n_fit), "random_state": random_state, **opts}
+    elif name == "ocsvm":
+        from sklearn.svm import OneClassSVM as cls
+
+        kw = dict(opts)
+    else:
+        from sklearn.neighbors import LocalOutlierFactor as cls
+
+        if "novelty" in opts:
+            raise InputError("lof's novelty is set by hessfree: True with reference=, False without")
+        kw = {"n_neighbors": min(20, max(1, n_fit - 1)), **opts, "novelty": novelty}
+    try:
+        est = cls(**kw)
+        if hasattr(est, "_validate_params"):  # scikit-learn >= 1.2 checks values only in fit; check them now
+            est._validate_params()
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"detector_options {opts} are not valid for {cls.__name__}: {exc}") from exc
+    return est
+
+
 def _detect(name: str, det: Any, values: Tensor, ref: Tensor | None, random_state: int, opts: dict) -> np.ndarray:
     if values.ndim == 1:  # closed-form / engine norms
         return values.double().cpu().numpy()
@@ -250,23 +278,12 @@ def _detect(name: str, det: Any, values: Tensor, ref: Tensor | None, random_stat
         return np.abs(X.astype(np.float64)).sum(1)
     R = ref.cpu().numpy() if ref is not None else None
     fit_on = R if R is not None else X
-    if name == "iforest":
-        from sklearn.ensemble import IsolationForest
-
-        kw = {"n_estimators": 100, "max_samples": min(256, len(fit_on)), "random_state": random_state, **opts}
-        return -IsolationForest(**kw).fit(fit_on).score_samples(X)
-    if name == "ocsvm":
-        from sklearn.svm import OneClassSVM
-
-        return -OneClassSVM(**opts).fit(fit_on).decision_function(X)
-    if name == "lof":
-        from sklearn.neighbors import LocalOutlierFactor
-
-        kw = {"n_neighbors": min(20, max(1, len(fit_on) - 1)), **opts}
-        if R is None:
-            lof = LocalOutlierFactor(**kw).fit(X)
-            return -lof.negative_outlier_factor_
-        return -LocalOutlierFactor(novelty=True, **kw).fit(R).score_samples(X)
+    if name in ("iforest", "ocsvm", "lof"):
+        est = _sklearn_detector(name, opts, random_state, len(fit_on), novelty=R is not None)
+        if name == "lof" and R is None:
+            return -est.fit(X).negative_outlier_factor_
+        est.fit(fit_on)
+        return -(est.decision_function(X) if name == "ocsvm" else est.score_samples(X))
     det.fit(fit_on)
     s = np.asarray(det.score_samples(X), dtype=np.float64).reshape(-1)
     if s.shape != (len(X),):
