@@ -345,3 +345,62 @@ def test_fit_refuses_dropout_and_batchnorm_when_recording(layer, match):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing trained
     hessfree.fit(nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.0), nn.Linear(4, 1)).double(), data64(), loss="bce",
                  lr=0.1, epochs=1, record="every_step", progress=False)  # p = 0 is fine
+
+
+# ------------------------------------------------------------------------------ review findings
+class Scaled(hessfree.BCEWithLogits):
+    name = "custom"
+
+    def forward(self, model, inputs):
+        return model(inputs) / 4  # the Task's own forward must be used by DIT and its oracles
+
+
+def test_custom_task_forward_is_used(setup):
+    _, train, val = setup
+    run = hessfree.fit(mlp64(), train, loss=Scaled(), lr=0.5, epochs=2, batch_size=6, record="every_step",
+                       progress=False)
+    q = queries.ValLoss(val)
+    s = hessfree.dit(run, train, q, **Q)
+    fd = hessfree.oracle.finite_difference(run, train, np.arange(len(train)), q, **Q)
+    assert rel(s.values, fd) <= 1e-6
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Linear(3, 3, bias=False)
+        self.mid = nn.Linear(3, 3)
+        self.out = nn.Linear(3, 3, bias=False)
+        self.out.weight = self.emb.weight
+        self.head = nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.out(torch.tanh(self.mid(self.emb(x))))))
+
+
+def test_tied_weights_replay_and_dit():
+    train, val = data64(), data64(n=10, seed=1)
+    full = record(Tied().double(), train, "every_step")
+    sparse = record(Tied().double(), train, 4)
+    assert torch.equal(replay_states(sparse, train, 0, sparse.trajectory.n_steps), full.trajectory.thetas)
+    q = queries.ValLoss(val)
+    np.testing.assert_array_equal(hessfree.dit(sparse, train, q, **Q).values, hessfree.dit(full, train, q, **Q).values)
+
+
+def test_replay_that_does_not_reproduce_is_refused(setup):
+    _, train, val = setup
+    sparse = record(mlp64(), train, 4)
+    sparse.trajectory.thetas[1] += 1e-3  # a stored state the replay cannot reach
+    with pytest.raises(RuntimeError, match="did not reproduce"):
+        hessfree.dit(sparse, train, queries.ValLoss(val), **Q)
+
+
+def test_numpy_int_record_and_random_modules(tmp_path):
+    run = record(mlp64(), data64(), np.int64(3), run_dir=tmp_path / "r")
+    assert json.loads((tmp_path / "r" / "manifest.json").read_text())["record"] == 3
+    assert run.trajectory.every == 3
+    for layer in (nn.RReLU(), nn.MultiheadAttention(4, 1, dropout=0.1)):
+        model = nn.Sequential(nn.Linear(3, 4), layer, nn.Linear(4, 1)).double()
+        with pytest.raises(InputError, match="random"):
+            hessfree.fit(model, data64(), loss="bce", lr=0.1, epochs=1, record="every_step", progress=False)

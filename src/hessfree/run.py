@@ -377,7 +377,7 @@ def fit(model: nn.Module, train_dataset: Dataset, *, loss: str | Task = "cross_e
         "n_samples": n, "epochs": epochs, "batch_size": batch_size, "steps_per_epoch": steps_per_epoch,
         "n_steps": n_steps, "checkpoint_every": checkpoint_every, "seed": seed,
         "lr": float(lr) if not callable(lr) else "schedule", "checkpoints": [], "steps": None,
-        "l2": l2, "record": record, "trajectory": None,
+        "l2": l2, "record": record if isinstance(record, str) or record is None else every, "trajectory": None,
     }
     # a copy only when the trajectory needs it (buffers and frozen tensors at θ[0])
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()} if every else model.state_dict()
@@ -498,6 +498,9 @@ def replay_states(run: "Run", train_dataset: Dataset, start: int, stop: int) -> 
     model.load_state_dict(traj.state(traj.thetas[i]))
     named = dict(model.named_parameters())
     params = [named[n] for n in traj.names]
+    with torch.no_grad():  # again through the parameters: a tied alias in the state dict may hold θ[0]
+        for p, v in zip(params, unflatten(traj.thetas[i], traj.shapes)):
+            p.copy_(v)
     out = []
     model.train()
     while True:
@@ -562,8 +565,10 @@ def check_trajectory_model(model: nn.Module) -> None:
             raise InputError(f"module {name!r} is a {type(mod).__name__}: BatchNorm couples the samples of a batch, "
                              "so removing one changes every other sample's loss; the Dynamic Influence Tracker "
                              "does not cover it (use LayerNorm / GroupNorm, or no normalisation)")
-        if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p > 0:
-            raise InputError(f"module {name!r} is an active {type(mod).__name__} (p={mod.p}): random masks make the "
+        random = (isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p > 0) or isinstance(mod, nn.RReLU) or (
+            isinstance(mod, nn.MultiheadAttention) and mod.dropout > 0)
+        if random:
+            raise InputError(f"module {name!r} is a random {type(mod).__name__} (dropout or random slopes): it makes the "
                              "training steps irreproducible and the estimator does not cover them; set p=0 "
                              "(or remove it) for a run you want to explain with DIT")
 

@@ -362,7 +362,7 @@ def topk_jaccard(a: Any, b: Any, k: int | float) -> float:
     """Jaccard index of the top-``k`` index sets of two score vectors of shape ``(N,)``.
 
     Args:
-        a, b: real-valued vectors (or ``Scores`` objects), higher = more
+        a, b: real-valued vectors (or two ``Scores`` objects; one of each is refused), higher = more
             suspicious; the ``k`` highest entries of each are taken, ties
             broken in favour of the lower index.
         k: int ``1 <= k <= N``, or a fraction ``0 < k < 1`` of ``N``.

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from hessfree.datasets import iter_batches, to_device
 from hessfree.errors import InputError
+from hessfree.grads.engine import _TaskModule
 from hessfree.queries import Query, resolve_query
 from hessfree.run import Run, _require_trajectory, check_replay_dataset, check_trajectory_model, replay_states, \
     unflatten
@@ -64,6 +65,7 @@ class FunctionalRun:
         model = copy.deepcopy(run.model)
         model.load_state_dict(traj.base)
         self.model = model.to(device=self.device, dtype=dtype).eval()
+        self._task_module = _TaskModule(self.model, self.task)
         self.names, self.shapes = traj.names, traj.shapes
         self._tensors: list[Tensor] | None = None
 
@@ -85,8 +87,9 @@ class FunctionalRun:
         return x, y, pos
 
     def losses(self, theta: Tensor, x: Any, y: Any) -> Tensor:
-        """(B,) per-sample losses WITHOUT the L2 term."""
-        return self.task.per_sample_loss(functional_call(self.model, self.params(theta), (x,)), y)
+        """(B,) per-sample losses WITHOUT the L2 term (through the Task's own forward, as in training)."""
+        out = functional_call(self._task_module, self.params(theta, "model."), (x,))
+        return self.task.per_sample_loss(out, y)
 
     def query_value(self, query: Query, theta: Tensor) -> Tensor:
         return functional_call(_QueryModule(self.model, query, self.task), self.params(theta, "model."), ())
@@ -145,7 +148,14 @@ class ThetaCache:
             if self._states is None or not self._lo <= t < self._lo + len(self._states):
                 i = int(np.searchsorted(traj.steps, t, side="right")) - 1
                 lo, hi = int(traj.steps[i]), int(traj.steps[i + 1])
-                self._states, self._lo = replay_states(self.fr.run, self.fr.dataset, lo, hi), lo
+                states = replay_states(self.fr.run, self.fr.dataset, lo, hi)
+                if not torch.equal(states[-1], traj.thetas[i + 1]):
+                    raise RuntimeError(
+                        f"replaying steps {lo}..{hi} did not reproduce the recorded θ[{hi}] (max difference "
+                        f"{float((states[-1] - traj.thetas[i + 1]).abs().max()):.3g}): the training is not "
+                        "deterministic (a random module, another device or thread count?); record with "
+                        "record='every_step' instead")
+                self._states, self._lo = states, lo
             th = self._states[t - self._lo]
         return th.to(self.fr.device, self.fr.dtype)
 

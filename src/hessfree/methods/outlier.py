@@ -55,7 +55,7 @@ def outlier_scores(run_or_model: Run | nn.Module, train_dataset: Dataset, *, det
             ``"cross_entropy"``).
         detector: ``"iforest"`` (−IsolationForest.score_samples; 100 trees, max_samples =
             min(256, N), ``random_state``), ``"l1"`` (Σ|g|), ``"l2"`` (‖g‖₂, the square root of
-            one-checkpoint self-influence), ``"ocsvm"`` (−OneClassSVM.decision_function fitted on
+            one-checkpoint self-influence with η = 1), ``"ocsvm"`` (−OneClassSVM.decision_function fitted on
             the ``reference`` gradients as inliers; needs ``reference``), ``"lof"`` (local outlier
             factor), or any object with scikit-learn's ``fit`` / ``score_samples`` (higher =
             more normal, as in scikit-learn; the score is its negation).
