@@ -5,7 +5,7 @@ import copy
 
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 import hessfree
 
@@ -111,3 +111,19 @@ def rel_err(x, ref, floor: float = 1e-3) -> float:
     ref = torch.as_tensor(ref, dtype=torch.float64)
     mask = ref.abs() >= floor * ref.abs().max()
     return float(((x - ref).abs()[mask] / ref.abs()[mask]).max())
+
+
+class Crashing(Dataset):
+    """A non-Tensor dataset whose __getitem__ raises after ``ok`` successful fetches."""
+
+    def __init__(self, base, ok):
+        self.base, self.ok, self.fetched = base, ok, 0
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        self.fetched += 1
+        if self.fetched > self.ok:
+            raise RuntimeError(f"disk error reading sample {i}")
+        return self.base[i]

@@ -18,6 +18,7 @@ from hessfree import queries
 from hessfree.errors import InputError, RunDirectoryError
 from hessfree.methods import dit as dit_mod
 from hessfree.run import replay_states, unflatten
+from helpers import Crashing
 
 Q = dict(progress=False)
 
@@ -244,24 +245,10 @@ def test_saved_run_round_trip(tmp_path, setup):
     np.testing.assert_array_equal(hessfree.dit(loaded, train, q, **Q).values, hessfree.dit(run, train, q, **Q).values)
 
 
-class Crashing(torch.utils.data.Dataset):
-    def __init__(self, base, ok):
-        self.base, self.ok, self.calls = base, ok, 0
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        self.calls += 1
-        if self.calls > self.ok:
-            raise RuntimeError("disk on fire")
-        return self.base[i]
-
-
 def test_crash_mid_recording_keeps_the_earlier_run(tmp_path):
     train = data64()
     record(mlp64(), train, "every_step", run_dir=tmp_path / "r")
-    with pytest.raises(RuntimeError, match="disk on fire"):
+    with pytest.raises(RuntimeError, match="disk error"):
         record(mlp64(), Crashing(train, 60), "every_step", run_dir=tmp_path / "r", overwrite=True)
     assert hessfree.Run.load(tmp_path / "r", mlp64()).trajectory is not None
     partial = [p for p in tmp_path.iterdir() if p.name.startswith(".r.recording-")]

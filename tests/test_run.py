@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import Subset, TensorDataset
 
 import hessfree
 from hessfree import RunDirectoryError, targets
 from hessfree.grads.select import select_parameters
-from helpers import Wrapped, brute_grads, mlp, rel_err, tabular
+from helpers import Crashing, Wrapped, brute_grads, mlp, rel_err, tabular
 
 Q = dict(progress=False)
 
@@ -165,22 +165,6 @@ def test_load_refuses_incomplete_directory(recorded, tmp_path):
     (rd / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(RunDirectoryError, match="incomplete recording.*record it again"):
         hessfree.Run.load(rd, mlp(0))
-
-
-class Crashing(Dataset):
-    """A non-Tensor dataset whose __getitem__ raises after ``ok`` successful fetches."""
-
-    def __init__(self, base, ok):
-        self.base, self.ok, self.fetched = base, ok, 0
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        self.fetched += 1
-        if self.fetched > self.ok:
-            raise RuntimeError(f"disk error reading sample {i}")
-        return self.base[i]
 
 
 def test_crash_mid_recording_keeps_old_run(tmp_path):

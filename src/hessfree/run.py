@@ -160,13 +160,6 @@ class Trajectory:
         i = int(np.searchsorted(self.steps, t))
         return self.thetas[i] if i < len(self.steps) and int(self.steps[i]) == t else None
 
-    def state(self, theta: Tensor) -> StateDict:
-        """A full state dict with the trainable parameters set from a flat ``theta``."""
-        out = dict(self.base)
-        for n, part in zip(self.names, unflatten(theta, self.shapes)):
-            out[n] = part
-        return out
-
 
 def flatten(tensors: Sequence[Tensor]) -> Tensor:
     return torch.cat([t.detach().reshape(-1) for t in tensors])
@@ -353,6 +346,7 @@ def fit(model: nn.Module, train_dataset: Dataset, *, loss: str | Task = "cross_e
     lr_fn: Callable[[int], float] = lr if callable(lr) else (lambda t, _lr=float(lr): _lr)
     _check_learning_rates([float(lr_fn(0))])
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    tensors = [p for _, p in params]
     if not params:
         raise InputError("the model has no trainable parameters (all have requires_grad=False)")
     ids = dataset_sample_ids(train_dataset)
@@ -411,7 +405,7 @@ def fit(model: nn.Module, train_dataset: Dataset, *, loss: str | Task = "cross_e
                     raise InputError(f"the learning-rate schedule returned {eta} at step {step}")
                 if every and step % every == 0:
                     traj_steps.append(step)
-                    traj_thetas.append(flatten([p for _, p in params]).clone())
+                    traj_thetas.append(flatten(tensors).clone())
 
                 def check(outputs, targets, losses, _pos=pos, _step=step):
                     task.validate(outputs, targets, ids[_pos])
@@ -421,7 +415,7 @@ def fit(model: nn.Module, train_dataset: Dataset, *, loss: str | Task = "cross_e
                             f"non-finite training loss at step {_step} for sample id(s) {bad[:10].tolist()}; "
                             "check those samples' inputs and labels, or lower the learning rate")
 
-                sgd_step(model, [p for _, p in params], task, batch, eta, l2, check)
+                sgd_step(model, tensors, task, batch, eta, l2, check)
                 positions.append(pos.copy())
                 step_lrs.append(eta)
                 step += 1
@@ -438,10 +432,10 @@ def fit(model: nn.Module, train_dataset: Dataset, *, loss: str | Task = "cross_e
     trajectory = None
     if every:
         traj_steps.append(n_steps)
-        traj_thetas.append(flatten([p for _, p in params]).clone())
-        base = initial_state
-        trajectory = Trajectory([nm for nm, _ in params], [tuple(p.shape) for _, p in params],
-                                np.asarray(traj_steps, dtype=np.int64), torch.stack(traj_thetas), every, l2, base)
+        traj_thetas.append(flatten(tensors).clone())
+        trajectory = Trajectory([nm for nm, _ in params], [tuple(p.shape) for p in tensors],
+                                np.asarray(traj_steps, dtype=np.int64), torch.stack(traj_thetas), every, l2,
+                                initial_state)
     if work_dir is None:
         manifest["status"] = "complete"
         return Run(model=model, checkpoints=checkpoints, task=task, step_log=step_log, manifest=manifest,
@@ -495,10 +489,10 @@ def replay_states(run: "Run", train_dataset: Dataset, start: int, stop: int) -> 
     i = int(np.searchsorted(traj.steps, start, side="right")) - 1
     t = int(traj.steps[i])
     model = copy.deepcopy(run.model)
-    model.load_state_dict(traj.state(traj.thetas[i]))
+    model.load_state_dict(traj.base)  # buffers and frozen tensors
     named = dict(model.named_parameters())
     params = [named[n] for n in traj.names]
-    with torch.no_grad():  # again through the parameters: a tied alias in the state dict may hold θ[0]
+    with torch.no_grad():  # through the parameters, so a tied alias follows its owner
         for p, v in zip(params, unflatten(traj.thetas[i], traj.shapes)):
             p.copy_(v)
     out = []

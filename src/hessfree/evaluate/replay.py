@@ -72,8 +72,7 @@ def _window_quantity(run: Run, train_dataset: Dataset, sample_ids: Sequence[int]
                      ) -> list[np.ndarray]:
     """For each weight w in ``weight_of_j``: the (n_ids,) window quantity G_j(w) − G(1) where
     G = F(t2) − F(t1) (delta) or F(t2) (window_removal) with sample j's loss weighted by w."""
-    q, fr0 = _checked(run, train_dataset, query, mode)
-    fr = FunctionalRun(run, train_dataset, dtype=dtype) if dtype != fr0.dtype else fr0
+    q, fr = _checked(run, train_dataset, query, mode, dtype)
     if not isinstance(chunk, int) or chunk < 1:
         raise InputError(f"chunk must be a positive integer, got {chunk!r}")
     t1, t2 = resolve_window(run, window)

@@ -217,12 +217,13 @@ def _plan(windows: list[tuple[int, int]], mode: str) -> list[_Adjoint]:
 
 
 def sweep(fr: FunctionalRun, query: Query, windows: list[tuple[int, int]], mode: str,
-          progress: bool = True) -> np.ndarray:
+          progress: bool = True, theta_at: ThetaCache | None = None) -> np.ndarray:
     """(W, N) window scores by one backward sweep. Adjoints that stop at the same step and carry
-    proportional window weights share one vector (the spec's ``u ← u − q(t1)``)."""
+    proportional window weights share one vector (the spec's ``u ← u − q(t1)``). ``theta_at``: a
+    ThetaCache of ``fr`` to reuse (its replayed segment, if any, is not replayed again)."""
     n = len(fr.log.sample_ids)
     plan = _plan(windows, mode)
-    theta_at = ThetaCache(fr)
+    theta_at = theta_at if theta_at is not None else ThetaCache(fr)
     query.prepare(fr.dtype, fr.device)
     scores = torch.zeros(len(windows), n, dtype=torch.float64, device=fr.device)
     top, bottom = max(a.start for a in plan), min(a.stop for a in plan)
@@ -265,14 +266,24 @@ def _ratio(a: np.ndarray, b: np.ndarray) -> float | None:
 
 
 # ----------------------------------------------------------------------------- public API
-def _checked(run: Run, train_dataset: Dataset, query: Any, mode: str) -> tuple[Query, FunctionalRun]:
+def _checked(run: Run, train_dataset: Dataset, query: Any, mode: str,
+             dtype: torch.dtype = torch.float64) -> tuple[Query, FunctionalRun]:
     _require_trajectory(run)
     if mode not in MODES:
         raise InputError(f"mode must be one of {MODES}, got {mode!r}")
     check_trajectory_model(run.model)
     check_replay_dataset(run, train_dataset)
     q = resolve_query(query)
-    return q, FunctionalRun(run, train_dataset)
+    return q, FunctionalRun(run, train_dataset, dtype=dtype)
+
+
+def _depends(fr: FunctionalRun, q: Query, t_end: int) -> ThetaCache:
+    """Refuse a query that does not depend on θ (at the sweep's first step) before the sweep starts;
+    the returned cache is handed on to the sweep."""
+    theta_at = ThetaCache(fr)
+    q.prepare(fr.dtype, fr.device)
+    fr.query_grad(q, theta_at(t_end))
+    return theta_at
 
 
 def dit(run: Run, train_dataset: Dataset, query: Any, *, window: Any = "all", mode: str = "delta",
@@ -287,10 +298,7 @@ def dit(run: Run, train_dataset: Dataset, query: Any, *, window: Any = "all", mo
     t0 = time.perf_counter()
     q, fr = _checked(run, train_dataset, query, mode)
     t1, t2 = resolve_window(run, window)
-    fr_theta = ThetaCache(fr)(t2)
-    q.prepare(fr.dtype, fr.device)
-    fr.query_grad(q, fr_theta)  # refuses a query that does not depend on θ before the sweep
-    values = sweep(fr, q, [(t1, t2)], mode, progress)[0]
+    values = sweep(fr, q, [(t1, t2)], mode, progress, _depends(fr, q, t2))[0]
     return Scores(values, run.step_log.sample_ids, _meta(run, q, mode, [(t1, t2)], t0, window=window))
 
 
@@ -301,9 +309,7 @@ def dit_epochs(run: Run, train_dataset: Dataset, query: Any, *, mode: str = "del
     t0 = time.perf_counter()
     q, fr = _checked(run, train_dataset, query, mode)
     windows = epoch_windows(run)
-    q.prepare(fr.dtype, fr.device)
-    fr.query_grad(q, ThetaCache(fr)(windows[-1][1]))
-    values = sweep(fr, q, windows, mode, progress)
+    values = sweep(fr, q, windows, mode, progress, _depends(fr, q, windows[-1][1]))
     return Scores(values, run.step_log.sample_ids, _meta(run, q, mode, windows, t0, window="epochs"))
 
 

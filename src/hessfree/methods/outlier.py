@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -143,12 +144,16 @@ class _Collector:
 
     def __init__(self, sc: Scorer, head: HeadCapture | None, proj: SparseProjection | None, want: str, strict: bool):
         self.sc, self.head, self.proj, self.want, self.strict = sc, head, proj, want, strict
-        self.path = "closed_form" if head is not None else ("factorised" if sc.engine.rules else "vmap")
+
+    @property
+    def path(self) -> str:
+        """The gradient path in use (the closed form is dropped for the engine when it does not apply)."""
+        return "closed_form" if self.head is not None else ("factorised" if self.sc.engine.rules else "vmap")
 
     def run(self, dataset: Dataset, ids: np.ndarray, labels_checked: bool) -> Tensor:
         sc, names = self.sc, self.sc.names
         parts = []
-        with self.head if self.head is not None else _nullcontext():
+        with self.head if self.head is not None else nullcontext():
             for pos, batch in iter_batches(dataset, sc.batch_size):
                 v = None
                 if self.head is not None:
@@ -161,7 +166,6 @@ class _Collector:
                             raise InputError(_NO_CLOSED_FORM + " (the layer is not the model's last operation)")
                         log.info("the last layer is not the model's final operation: using the gradient engine")
                         self.head = None
-                        self.path = "factorised" if sc.engine.rules else "vmap"
                     else:
                         v = hg.l2() if self.want == "l2" else hg.l1() if self.want == "l1" else hg.dense(names)
                 if v is None:
@@ -178,14 +182,6 @@ class _Collector:
                 parts.append(v)
                 sc.bar.update(1)
         return torch.cat(parts)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 def _as_run(run_or_model: Any, loss: Any) -> Run:
