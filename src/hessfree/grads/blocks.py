@@ -193,14 +193,46 @@ class BatchGrads:
     """Per-sample gradients of one batch over all selected parameters, as a list of blocks.
 
     Blocks of two BatchGrads from the same engine line up one to one, so inner products are
-    sums of block-wise products.
+    sums of block-wise products. ``group`` > 1: the rows hold the batch at ``group`` checkpoints,
+    checkpoint-major (rows k·B … (k+1)·B − 1 are checkpoint k; see :mod:`hessfree.grads.stacked`).
     """
 
     blocks: list[Block]
-    losses: Tensor  # (B,) per-sample losses (detached)
+    losses: Tensor  # (group·B,) per-sample losses (detached)
+    group: int = 1
 
     def __len__(self) -> int:
         return self.losses.shape[0]
+
+    def slab(self, k: int) -> "BatchGrads":
+        """The rows of the group's k-th checkpoint, as a one-checkpoint BatchGrads."""
+        b = len(self) // self.group
+        rows = slice(k * b, (k + 1) * b)
+        return BatchGrads([blk.select(rows) for blk in self.blocks], self.losses[rows])
+
+    def weighted_gram(self, other: "BatchGrads", weights: Tensor) -> Tensor:
+        """(B, M) float64 Σ_k weights[k] · (this batch at checkpoint k)·(``other`` at checkpoint k),
+        for two BatchGrads of the same checkpoint group."""
+        K = self.group
+        if other.group != K or len(weights) != K:
+            raise ValueError("weighted_gram needs two BatchGrads of the same checkpoint group")
+        B, M = len(self) // K, len(other) // K
+        per_k: Tensor | None = None  # (K, B, M): Σ over blocks, in the gradients' dtype
+        for b, o in zip(self.blocks, other.blocks):
+            if isinstance(b, LinearBlock) and isinstance(o, LinearBlock) and b.g.shape[1] == o.g.shape[1] == 1:
+                # all K checkpoints in two batched products: (a·a' + [1]) (g·g')
+                part = torch.bmm(b.g.reshape(K, B, -1), o.g.reshape(K, M, -1).transpose(1, 2))
+                if b.a is not None and o.a is not None:
+                    aa = torch.bmm(b.a.reshape(K, B, -1), o.a.reshape(K, M, -1).transpose(1, 2))
+                    part = torch.addcmul(part, part, aa) if b.bias is not None else part * aa
+            else:
+                part = torch.stack([b.select(slice(k * B, (k + 1) * B)).gram(o.select(slice(k * M, (k + 1) * M)))
+                                    for k in range(K)])
+            per_k = part if per_k is None else per_k.add_(part)
+        assert per_k is not None
+        if K == 1:
+            return per_k[0].double().mul_(float(weights[0]))
+        return torch.einsum("k,kbm->bm", weights.to(torch.float64), per_k.double())
 
     def sq_norms(self) -> Tensor:
         total = self.blocks[0].sq_norms()
@@ -227,9 +259,15 @@ class BatchGrads:
 
 def concat(parts: list[BatchGrads]) -> BatchGrads | None:
     """One BatchGrads holding the samples of ``parts`` (in order), or None if their shapes differ
-    (e.g. sequences of different lengths)."""
+    (e.g. sequences of different lengths). Parts of one checkpoint group stay checkpoint-major."""
     if len(parts) == 1:
         return parts[0]
+    K = parts[0].group
+    if K > 1:
+        if any(p.group != K for p in parts):
+            return None
+        joined = concat([p.slab(k) for k in range(K) for p in parts])
+        return None if joined is None else BatchGrads(joined.blocks, joined.losses, group=K)
     blocks: list[Block] = []
     for group in zip(*(p.blocks for p in parts)):
         first = group[0]

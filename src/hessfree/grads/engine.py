@@ -24,6 +24,7 @@ from torch.func import functional_call, grad, vmap
 from hessfree.datasets import batch_len, to_device
 from hessfree.errors import NonFiniteError
 from hessfree.grads.blocks import BatchGrads, Block, DenseBlock, EmbeddingBlock, LinearBlock
+from hessfree.grads.stacked import NotStackable, owners, repeat_batch, stackable_kind, stacked_forward
 from hessfree.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,12 @@ class GradientEngine:
         self._was_training = model.training
         self._state: dict[str, Tensor] = {}
         self._slots = _tensor_slots(model)
+        self._owners = owners(model)
+        self._rows = 0  # samples of the batch being evaluated (read by stacked forwards)
         self._originals: list[tuple[dict, str, Any]] = []
+        self._stack = 1  # checkpoints bound at once (see bind_stacked)
+        self._stacked: set[str] = set()  # canonical names bound as (K, ...) stacks
+        self._forwards: list[nn.Module] = []  # modules running a stacked forward
         self._plan(ghost)
 
     # -- set-up -----------------------------------------------------------------------------
@@ -149,6 +155,7 @@ class GradientEngine:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self._unstack()
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
@@ -172,26 +179,96 @@ class GradientEngine:
         """Evaluate at these weights from now on (floating tensors cast to the engine's dtype)."""
         if not self._originals:
             raise RuntimeError("use the engine as a context manager: `with GradientEngine(...) as engine:`")
+        self._unstack()
         selected = set(self.names)
         self._state = {}
         for k, slots in self._slots.items():  # canonical names; a tied tensor's other names share its slot list
             if k not in state:
                 continue  # e.g. a non-persistent buffer: the model's own stays in place
-            v = state[k]
-            v = v.to(self.device, dtype=self.dtype) if v.dtype.is_floating_point else v.to(self.device)
+            v = self._cast(state[k])
             if k in selected:
                 v = v.detach().requires_grad_(True)
             self._state[k] = v
             for slot, attr in slots:
                 slot[attr] = v
 
+    def _cast(self, v: Tensor) -> Tensor:
+        return v.to(self.device, dtype=self.dtype) if v.dtype.is_floating_point else v.to(self.device)
+
+    @property
+    def stack(self) -> int:
+        """Checkpoints bound at once (1 unless :meth:`bind_stacked`)."""
+        return self._stack
+
+    @property
+    def can_stack(self) -> bool:
+        """Can several checkpoints share one pass? (factorised layers only, after the first batch's check)"""
+        return bool(self.rules) and not self.fallback and self._checked
+
+    def bind_stacked(self, states: list[dict[str, Tensor]]) -> None:
+        """Evaluate at K checkpoints at once (see :mod:`hessfree.grads.stacked`): ``batch_grads``
+        then returns K·B rows for a batch of B samples, checkpoint-major.
+
+        Raises NotStackable (leaving nothing bound) when a tensor that differs between the
+        checkpoints lives outside an nn.Linear / nn.Conv2d / nn.Embedding weight or bias, or
+        when the engine has vmap-fallback parameters.
+        """
+        if not self.can_stack:
+            raise NotStackable("the engine has vmap-fallback parameters or has not checked its layers yet")
+        self._unstack()
+        K = len(states)
+        selected = set(self.names)
+        bound: dict[str, Tensor] = {}
+        stacked: set[str] = set()
+        modules: dict[int, tuple[nn.Module, str]] = {}
+        for k, slots in self._slots.items():
+            if k not in states[0]:
+                continue
+            vs = [self._cast(s[k]) for s in states]
+            if all(torch.equal(vs[0], v) for v in vs[1:]):
+                v = vs[0]
+            else:
+                holders = self._owners.get(k, [])
+                for mod, local in holders:
+                    kind = stackable_kind(mod)
+                    if kind is None or local not in ("weight", "bias"):
+                        raise NotStackable(f"{k!r} differs between the checkpoints and is not the weight or bias "
+                                           "of an nn.Linear, nn.Conv2d or nn.Embedding")
+                    modules[id(mod)] = (mod, kind)
+                if not holders:
+                    raise NotStackable(f"{k!r} differs between the checkpoints")
+                v = torch.stack(vs)
+                stacked.add(k)
+            bound[k] = v.detach().requires_grad_(True) if k in selected else v
+        self._state = bound
+        for k, v in bound.items():
+            for slot, attr in self._slots[k]:
+                slot[attr] = v
+        for mod, kind in modules.values():
+            mod.forward = stacked_forward(mod, kind, K, lambda: self._rows)  # instance attribute: hooks still run
+            self._forwards.append(mod)
+        self._stack, self._stacked = K, stacked
+
+    def _unstack(self) -> None:
+        for mod in self._forwards:
+            del mod.forward
+        self._forwards.clear()
+        if self._stack > 1:
+            self._state = {}  # stacked tensors must not survive into a later single bind
+        self._stack, self._stacked = 1, set()
+
     # -- evaluation -------------------------------------------------------------------------
     def prepare(self, batch: Any) -> tuple[Any, Any]:
         return self.task.split(to_device(batch, self.device, self.dtype))
 
     def forward(self, inputs: Any) -> Tensor:
-        """Model output at the bound weights (differentiable w.r.t. the selected parameters)."""
-        return self.task.forward(self.model, inputs)
+        """Model output at the bound weights (differentiable w.r.t. the selected parameters); with
+        several checkpoints bound, the output at the first of them."""
+        if self._stack == 1:
+            return self.task.forward(self.model, inputs)
+        B = batch_len(inputs)
+        self._rows = B
+        return self.task.forward(self.model, repeat_batch(inputs, self._stack, B))[:B]
 
     def dense_grad(self, scalar: Tensor, retain_graph: bool = False) -> dict[str, Tensor]:
         """Gradient of a scalar w.r.t. the selected parameters: name -> tensor (zeros if unused)."""
@@ -207,27 +284,32 @@ class GradientEngine:
         per-sample scores, which a non-finite loss makes non-finite too).
         """
         inputs, targets = self.prepare(batch)
-        B = batch_len(inputs)
+        B = b = batch_len(inputs)
+        own_targets = targets
+        if self._stack > 1:  # K checkpoints bound: the batch repeated K times, rows checkpoint-major
+            self._rows = b
+            inputs, targets = repeat_batch(inputs, self._stack, b), repeat_batch(targets, self._stack, b)
+            B *= self._stack
         self._captures.clear()
         self._capturing = True
         try:
-            outputs = self.forward(inputs)
+            outputs = self.task.forward(self.model, inputs)
         finally:
             self._capturing = False
         if not self._clone_outputs and any(out._version != v for calls in self._captures.values()
                                            for _, out, v in calls):
             self._clone_outputs = True
             return self.batch_grads(batch, ids, validate, check_loss)
-        if validate:
-            self.task.validate(outputs, targets, ids)
+        if validate:  # the labels are the same at every checkpoint: check them once
+            self.task.validate(outputs[:b], own_targets, ids)
         losses = self.task.per_sample_loss(outputs, targets)
         if losses.shape != (B,):
             raise ValueError(f"Task.per_sample_loss must return shape ({B},), got {tuple(losses.shape)}")
-        if check_loss:
-            _check_finite(losses, ids, "loss")
+        if check_loss:  # a sample's stacked losses summed: non-finite at any checkpoint stays non-finite
+            _check_finite(losses.view(self._stack, b).sum(0), ids, "loss")
         blocks: list[Block] = []
         if self.rules:
-            check = not self._checked
+            check = not self._checked and self._stack == 1
             total = losses.sum()
             full = self.dense_grad(total, retain_graph=True) if check else None
             order = [(m, i) for m in self.rules for i in range(len(self._captures.get(m, [])))]
@@ -249,7 +331,7 @@ class GradientEngine:
                     return self.batch_grads(batch, ids, validate, check_loss)
         if self.fallback:
             blocks.append(self._vmap_block(inputs, targets, B))
-        return BatchGrads(blocks, losses.detach())
+        return BatchGrads(blocks, losses.detach(), group=self._stack)
 
     def _block(self, mod_name: str, e: dict[str, Any], calls: list[tuple[Tensor, Tensor]], B: int) -> Block:
         mod, kind = e["module"], e["kind"]
@@ -265,6 +347,7 @@ class GradientEngine:
                 g = g * (ids != mod.padding_idx).unsqueeze(-1).to(g.dtype)
             return EmbeddingBlock(ids, g, e["weight"], mod.num_embeddings)
         w = self._state.get(e["weight"]) if e["weight"] else None
+        shape = None if w is None else tuple(w.shape[1:] if e["weight"] in self._stacked else w.shape)
         if kind == "linear":
             d_in, d_out = mod.in_features, mod.out_features
             a_parts = [x.reshape(B, -1, d_in) for x, _ in calls]
@@ -282,8 +365,7 @@ class GradientEngine:
         else:
             a = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, 1)
             g = g_parts[0] if len(g_parts) == 1 else torch.cat(g_parts, 1)
-        return LinearBlock(a if e["weight"] is not None else None, g, e["weight"], e["bias"],
-                           tuple(w.shape) if w is not None else None)
+        return LinearBlock(a if e["weight"] is not None else None, g, e["weight"], e["bias"], shape)
 
     def _vmap_block(self, inputs: Any, targets: Any, B: int) -> DenseBlock:
         # Only the fallback parameters are swapped per call; everything else is already bound.

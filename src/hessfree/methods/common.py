@@ -1,6 +1,7 @@
 """What every score function shares: argument checks, the checkpoint loop, metadata."""
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Sequence
 
@@ -13,9 +14,12 @@ from hessfree.datasets import as_index, dataset_size, iter_batches, sample_ids
 from hessfree.tasks import check_dataset_labels
 from hessfree.errors import InputError
 from hessfree.grads.engine import GradientEngine
+from hessfree.grads.stacked import NotStackable
 from hessfree.grads.select import ParamSpec, select_parameters
 from hessfree.run import Run
 from hessfree.scores import SIGN_CONVENTION
+
+log = logging.getLogger(__name__)
 
 
 def checkpoint_indices(run: Run, checkpoints: Sequence[int] | str | None) -> list[int]:
@@ -51,6 +55,19 @@ def check_labels(engine: GradientEngine, dataset: Dataset) -> bool:
     return check_dataset_labels(engine.task, engine.forward, engine.prepare, dataset, sample_ids(dataset))
 
 
+_STACK_BYTES = 1 << 28  # stacked weights of one checkpoint group
+_STACK_SAMPLES = 4096  # rows of one stacked batch (group size × batch size)
+
+
+def group_size(engine: GradientEngine, run: Run, ks: list[int], batch_size: int) -> int:
+    """How many checkpoints share one pass: bounded by _STACK_BYTES of stacked weights and
+    _STACK_SAMPLES rows per stacked batch (activation memory grows with both)."""
+    if len(ks) < 2 or not engine.rules or engine.fallback:
+        return 1
+    state_bytes = sum(p.numel() for p in run.model.parameters()) * engine.dtype.itemsize
+    return max(1, min(len(ks), _STACK_BYTES // max(1, state_bytes), _STACK_SAMPLES // batch_size))
+
+
 class Scorer:
     """Context for one scoring call: validated inputs, the engine, the progress bar, timing."""
 
@@ -69,6 +86,7 @@ class Scorer:
         self.params_spec = params if isinstance(params, str) else list(params)
         self.progress = progress
         self.labels_checked = False
+        self.checkpoints_per_pass = 1  # largest checkpoint group scored in one pass (checkpoint_groups)
 
     def __enter__(self) -> "Scorer":
         self.engine.__enter__()
@@ -92,6 +110,74 @@ class Scorer:
         finally:
             bar.close()
 
+    def checkpoint_groups(self):
+        """Yield (checkpoint indices, their η) with the engine bound to all of them at once.
+
+        Groups of up to :func:`group_size` checkpoints share one forward and backward per batch
+        (:mod:`hessfree.grads.stacked`); ``train_batches`` then yields gradients whose rows are the
+        batch at each checkpoint of the group, checkpoint-major. Where the checkpoints cannot share
+        a pass (parameters on the vmap fallback, other differing weights, or a first stacked batch
+        that does not reproduce the one-checkpoint result) the groups are single checkpoints.
+        Each checkpoint is loaded once.
+        """
+        n_batches = -(-self.n // self.batch_size)
+        bar = tqdm(total=len(self.ks) * n_batches, desc=self.method, disable=not self.progress, leave=False)
+        self.bar = bar
+        size = group_size(self.engine, self.run, self.ks, self.batch_size)
+        start = 0
+        try:
+            while start < len(self.ks):
+                ks = self.ks[start:start + size]
+                states = [self.run.checkpoint_state(k) for k in ks]
+                etas = [self.run.checkpoints[k].learning_rate for k in ks]
+                stacked = len(ks) > 1
+                if start == 0:
+                    self.engine.bind(states[0])
+                    self.labels_checked = check_labels(self.engine, self.dataset)
+                    stacked = stacked and self._stacking_verified(states)  # leaves the engine bound
+                    if not stacked:
+                        size = 1
+                elif stacked:
+                    try:
+                        self.engine.bind_stacked(states)  # the first group's check covers this model
+                    except NotStackable as e:
+                        log.info("checkpoints %s one at a time: %s", ks, e)
+                        stacked = False
+                if stacked:
+                    self.checkpoints_per_pass = max(self.checkpoints_per_pass, len(ks))
+                    yield ks, etas
+                else:
+                    for k, state, eta in zip(ks, states, etas):
+                        self.engine.bind(state)
+                        yield [k], [eta]
+                start += len(ks)
+        finally:
+            bar.close()
+
+    def _stacking_verified(self, states: list[dict[str, Any]]) -> bool:
+        """Bind ``states`` stacked if that reproduces, on the first batch, the per-sample squared
+        gradient norms of ``states[0]`` evaluated alone (the engine is bound to ``states[0]``)."""
+        _, first = next(iter_batches(self.dataset, self.batch_size))
+        ids = self.ids[:self.batch_size]
+        alone = self.engine.batch_grads(first, ids, validate=not self.labels_checked).sq_norms().double()
+        if not self.engine.can_stack:
+            return False
+        try:
+            self.engine.bind_stacked(states)
+            together = self.engine.batch_grads(first, ids, validate=False).sq_norms().double()[:len(alone)]
+        except Exception as e:  # noqa: BLE001 — any failure means: score these one at a time
+            log.info("scoring checkpoints one at a time: %s", e)
+            self.engine.bind(states[0])
+            return False
+        scale = float(alone.abs().max()) or 1.0
+        tol = 1e-3 if self.engine.dtype in (torch.float16, torch.bfloat16) else 1e-5
+        if float((together - alone).abs().max()) > tol * scale:
+            log.warning("stacked checkpoints did not reproduce the one-checkpoint gradients on the first batch; "
+                        "scoring checkpoints one at a time")
+            self.engine.bind(states[0])
+            return False
+        return True
+
     def train_batches(self, grads: bool = True):
         """Yield (positions, batch, per-sample gradients or None) over the training data."""
         for pos, batch in iter_batches(self.dataset, self.batch_size):
@@ -99,7 +185,7 @@ class Scorer:
             g = (self.engine.batch_grads(batch, self.ids[pos], validate=not self.labels_checked, check_loss=False)
                  if grads else None)
             yield pos, batch, g
-            self.bar.update(1)
+            self.bar.update(self.engine.stack)
 
     def add(self, out: torch.Tensor, pos: np.ndarray, values: torch.Tensor, scale: float) -> None:
         """out[pos] += scale * values (float64 accumulation; a slice when pos is contiguous)."""
@@ -119,6 +205,7 @@ class Scorer:
             "params": self.params_spec,
             "param_names": self.names,
             "fallback_params": list(self.engine.fallback),
+            "checkpoints_per_pass": self.checkpoints_per_pass,
             "loss": self.run.task.name,
             "dtype": str(self.engine.dtype).replace("torch.", ""),
             "device": str(self.engine.device),

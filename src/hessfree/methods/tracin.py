@@ -42,11 +42,12 @@ def self_influence(run: Run, train_dataset: Dataset, *, params: ParamSpec = "all
     with Scorer(run, train_dataset, params=params, checkpoints=checkpoints, batch_size=batch_size, dtype=dtype,
                 device=device, progress=progress, method="self_influence", ghost=ghost) as sc:
         out = torch.zeros(sc.n, dtype=torch.float64, device=sc.engine.device)
-        for _, eta in sc.checkpoints():
+        for ks, etas in sc.checkpoint_groups():
+            w = torch.tensor(etas, dtype=torch.float64, device=out.device)
             for pos, _, grads in sc.train_batches():
-                sq = grads.sq_norms()
-                _check_finite(sq, sc.ids[pos], "loss or gradient")
-                sc.add(out, pos, sq, eta)
+                sq = grads.sq_norms().view(len(ks), -1)  # (checkpoints of the group, B)
+                _check_finite(sq.sum(0), sc.ids[pos], "loss or gradient")
+                sc.add(out, pos, w @ sq.double(), 1.0)
         meta = sc.meta(kind="outlier", goal="minimize")
     return Scores(out.cpu().numpy(), sc.ids, meta)
 
@@ -95,23 +96,24 @@ def pairwise_influence(run: Run, train_dataset: Dataset, test_dataset: Dataset, 
                 device=device, progress=progress, method="pairwise_influence", ghost=ghost) as sc:
         out = torch.zeros(m, sc.n, dtype=torch.float64, device=sc.engine.device)
         first = True
-        for _, eta in sc.checkpoints():
+        for ks, etas in sc.checkpoint_groups():
             if first:
                 test_checked = check_labels(sc.engine, test_dataset)
                 first = False
+            w = torch.tensor(etas, dtype=torch.float64, device=out.device)
             tests = [(p, as_index(p), g) for p, g in _merged(
                 [(p, sc.engine.batch_grads(b, test_ids[p], validate=not test_checked))
                  for p, b in iter_batches(test_dataset, batch_size)])]
             for pos, _, tr in sc.train_batches():
                 c = as_index(pos)
                 for rows, r, te in tests:
-                    block = te.gram(tr).detach()  # (B_test, B_train)
+                    block = te.weighted_gram(tr, w).detach()  # (B_test, B_train) float64, Σ_k η_k
                     _check_finite(block.sum(0), sc.ids[pos], "loss or gradient")
                     if isinstance(r, slice) and isinstance(c, slice):
-                        out[r, c].add_(block, alpha=eta)
+                        out[r, c].add_(block)
                     else:
                         ri, ci = torch.as_tensor(rows, device=out.device), torch.as_tensor(pos, device=out.device)
-                        out[ri[:, None], ci[None, :]] += eta * block.double()
+                        out[ri[:, None], ci[None, :]] += block
         meta = sc.meta(n_test=m, goal="minimize")
     return Scores(out.cpu().numpy(), sc.ids, meta, test_ids=test_ids)
 
@@ -134,7 +136,7 @@ def _merged(tests: list[tuple[np.ndarray, BatchGrads]]) -> list[tuple[np.ndarray
         group.clear()
 
     for item in tests:
-        if group and sum(len(p) for p, _ in group) + len(item[0]) > _MERGE_SAMPLES:
+        if group and sum(len(p) for p, _ in group) + len(item[0]) > _MERGE_SAMPLES // item[1].group:
             flush()
         group.append(item)
     flush()

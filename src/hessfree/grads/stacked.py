@@ -1,0 +1,118 @@
+"""Several checkpoints in one forward and backward: the batch repeated K times, weights stacked.
+
+Scoring K checkpoints one at a time costs K forwards and K backwards per batch; at the batch
+sizes influence is computed with, most of that time is per-operation overhead, not arithmetic.
+Here the batch is repeated K times along its first dimension (rows k-major: checkpoint k owns
+rows k·B … (k+1)·B − 1) and every nn.Linear / nn.Conv2d / nn.Embedding whose weights differ
+between the K checkpoints runs a batched forward with its (K, …) stacked weights: ``bmm`` for
+Linear, a grouped convolution for Conv2d, offset row ids into the stacked table for Embedding.
+Every other module sees an ordinary batch of K·B samples, which is exact because per-sample
+losses in eval mode do not mix samples. The engine's hooks then capture the layer inputs and
+output gradients of all K·B rows in one backward, and the factorised blocks need no change.
+
+A state tensor that differs between the checkpoints anywhere else (a LayerNorm weight, a
+BatchNorm running mean, a parameter used outside its module's forward) makes the group
+unstackable (:class:`NotStackable`), and the caller scores those checkpoints one at a time.
+The caller also checks the first stacked batch against the unstacked result before relying
+on it (a layer fed a (T, K·B, …) sequence-first input would otherwise mix checkpoints).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class NotStackable(Exception):
+    """These checkpoints cannot share one forward pass; score them one at a time."""
+
+
+def stackable_kind(module: nn.Module) -> str | None:
+    """The batched forward available for a module type (exact types only), or None."""
+    t = type(module)
+    if t is nn.Linear:
+        return "linear"
+    if t is nn.Conv2d and module.padding_mode == "zeros":
+        return "conv2d"
+    if t is nn.Embedding and module.max_norm is None:
+        return "embedding"
+    return None
+
+
+def owners(model: nn.Module) -> dict[str, list[tuple[nn.Module, str]]]:
+    """Canonical state-dict name (the first name of a tied tensor) -> every (module, local name)
+    registering it."""
+    out: dict[str, list[tuple[nn.Module, str]]] = {}
+    canonical: dict[int, str] = {}
+    for items in (model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)):
+        for name, t in items:
+            mod_name, _, local = name.rpartition(".")
+            mod = model.get_submodule(mod_name) if mod_name else model
+            out.setdefault(canonical.setdefault(id(t), name), []).append((mod, local))
+    return out
+
+
+def repeat_batch(obj: Any, k: int, b: int) -> Any:
+    """Repeat every tensor of a (nested) batch ``k`` times along its first dimension (k-major)."""
+    if isinstance(obj, Tensor):
+        if obj.dim() == 0 or obj.shape[0] != b:
+            raise NotStackable(f"a batch tensor of shape {tuple(obj.shape)} has no leading batch dimension of {b}")
+        return obj.repeat(k, *([1] * (obj.dim() - 1)))
+    if isinstance(obj, dict):
+        return {key: repeat_batch(v, k, b) for key, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(repeat_batch(v, k, b) for v in obj)
+    return obj
+
+
+def _check_rows(x: Tensor, k: int, rows: int, module: nn.Module) -> None:
+    if x.dim() == 0 or x.shape[0] != k * rows:
+        raise NotStackable(f"{type(module).__name__} got an input of shape {tuple(x.shape)} whose first dimension "
+                           f"is not the stacked batch of {k}×{rows} rows")
+
+
+def stacked_forward(module: nn.Module, kind: str, k: int, batch_rows: Callable[[], int]):
+    """A forward for ``module`` whose (possibly stacked) weights hold ``k`` checkpoints.
+
+    A weight or bias that is stacked has shape (k, *original); one that is shared keeps its
+    original shape. The input has k·B rows, k-major, with B = ``batch_rows()`` (the batch
+    being evaluated); any other first dimension raises NotStackable.
+    """
+    def stack(t: Tensor | None, ndim: int) -> Tensor | None:
+        if t is None or t.dim() == ndim + 1:
+            return t
+        return t.unsqueeze(0).expand(k, *t.shape)
+
+    if kind == "linear":
+        def forward(x: Tensor) -> Tensor:
+            rows = batch_rows()
+            _check_rows(x, k, rows, module)
+            W, b = stack(module.weight, 2), stack(module.bias, 1)
+            xs = x.reshape(k, -1, x.shape[-1])
+            y = torch.bmm(xs, W.transpose(1, 2)) if b is None else torch.baddbmm(b.unsqueeze(1), xs, W.transpose(1, 2))
+            return y.reshape(*x.shape[:-1], W.shape[1])
+        return forward
+    if kind == "conv2d":
+        def forward(x: Tensor) -> Tensor:
+            rows = batch_rows()
+            _check_rows(x, k, rows, module)
+            W, b = stack(module.weight, 4), stack(module.bias, 1)
+            xg = x.reshape(k, rows, *x.shape[1:]).transpose(0, 1).reshape(rows, k * x.shape[1], *x.shape[2:])
+            y = F.conv2d(xg, W.reshape(-1, *W.shape[2:]), None if b is None else b.reshape(-1), module.stride,
+                         module.padding, module.dilation, module.groups * k)
+            O = W.shape[1]
+            return y.reshape(rows, k, O, *y.shape[2:]).transpose(0, 1).reshape(k * rows, O, *y.shape[2:])
+        return forward
+    if kind == "embedding":
+        def forward(ids: Tensor) -> Tensor:
+            rows = batch_rows()
+            _check_rows(ids, k, rows, module)
+            W = stack(module.weight, 2)
+            V = W.shape[1]
+            offset = (torch.arange(k, device=ids.device) * V).view(k, *([1] * ids.dim()))
+            flat = (ids.reshape(k, rows, *ids.shape[1:]) + offset).reshape(ids.shape)
+            return F.embedding(flat, W.reshape(k * V, -1))
+        return forward
+    raise ValueError(f"no stacked forward for {kind!r}")
