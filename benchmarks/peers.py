@@ -256,11 +256,11 @@ class Measurement:
 
 
 def measure(fn: Callable[[], Any], to_numpy: Callable[[Any], np.ndarray], repeats: int) -> Measurement:
-    """Time ``repeats`` calls with nothing else running in the process, then measure memory in
-    ONE further call: the RSS-sampling thread competes for the GIL and would slow the timed calls
-    (more so for fast, Python-heavy ones)."""
+    """After one untimed warm-up call, time ``repeats`` calls with nothing else running in the
+    process, then measure memory in ONE further call: the RSS-sampling thread competes for the
+    GIL and would slow the timed calls (more so for fast, Python-heavy ones)."""
     seconds, cpu, mem, hwm = [], [], [], []
-    out = None
+    out = fn()  # one untimed warm-up call (lazy initialisation, first-touch of the data)
     for _ in range(repeats):
         out = None
         _release_memory()
@@ -605,7 +605,8 @@ def run_benchmark(args: argparse.Namespace,
             "gradient": "per-sample cross-entropy loss (mean over one sample), model in eval mode",
         },
         "measurement": {
-            "repeats": repeats, "timing": "median wall-clock (time.perf_counter) around the scoring call only; "
+            "repeats": repeats, "timing": "median wall-clock (time.perf_counter) around the scoring call only, "
+                      "after one untimed warm-up call per method and quantity; "
                       "the timed calls run with no sampling thread",
             "memory": "one further call: peak RSS sampled every 5 ms by a psutil background thread minus RSS just "
                       "before the call "

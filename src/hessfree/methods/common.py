@@ -57,6 +57,7 @@ def check_labels(engine: GradientEngine, dataset: Dataset) -> bool:
 
 _STACK_BYTES = 1 << 28  # stacked weights of one checkpoint group
 _STACK_SAMPLES = 4096  # rows of one stacked batch (group size × batch size)
+_CHECK_SAMPLES = 16  # samples on which stacking is checked against one checkpoint at a time
 
 
 def group_size(engine: GradientEngine, run: Run, ks: list[int], batch_size: int) -> int:
@@ -155,10 +156,11 @@ class Scorer:
             bar.close()
 
     def _stacking_verified(self, states: list[dict[str, Any]]) -> bool:
-        """Bind ``states`` stacked if that reproduces, on the first batch, the per-sample squared
-        gradient norms of ``states[0]`` evaluated alone (the engine is bound to ``states[0]``)."""
-        _, first = next(iter_batches(self.dataset, self.batch_size))
-        ids = self.ids[:self.batch_size]
+        """Bind ``states`` stacked if that reproduces, on the first _CHECK_SAMPLES samples, the
+        per-sample squared gradient norms of ``states[0]`` evaluated alone (the engine is bound to
+        ``states[0]``; that first pass also runs the engine's one-time layer check)."""
+        _, first = next(iter_batches(self.dataset, min(self.batch_size, _CHECK_SAMPLES)))
+        ids = self.ids[:_CHECK_SAMPLES]
         alone = self.engine.batch_grads(first, ids, validate=not self.labels_checked).sq_norms().double()
         if not self.engine.can_stack:
             return False
