@@ -335,3 +335,65 @@ def test_last_layer_weight_selection():
 
     with pytest.raises(ParameterSelectionError, match="no trainable 'weight'"):
         select_parameters(nn.Sequential(nn.Linear(3, 2), Shift()), "last_layer_weight")
+
+
+@pytest.mark.parametrize("kind,bias", HEADS)
+def test_closed_form_norms_flushed_across_batches(monkeypatch, kind, bias):
+    """HeadNorms forms the residuals many batches at a time; flushing every few (uneven) batches
+    gives the per-sample norms of the autograd loop, in order."""
+    from hessfree.grads import closed_form
+
+    monkeypatch.setattr(closed_form.HeadNorms, "_FLUSH_ELEMENTS", 25)
+    run, data = head_case(kind, bias)
+    names = select_parameters(run.model, "last_layer")
+    G = brute_grads(run, data, names)[-1]
+    for det, ref in (("l2", G.norm(dim=1)), ("l1", G.abs().sum(1))):
+        s = hessfree.outlier_scores(run, data, detector=det, params="last_layer", gradient_path="closed_form",
+                                    dtype=torch.float64, batch_size=4, **Q)
+        assert max_rel(s.values, ref) <= 1e-9
+
+
+class HeadLastUntil(nn.Module):
+    """The head's output is the model's output object only for batches whose first feature stays
+    below 2 (else a copy, ×1, is returned: the same values, but the closed form must give way)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head = nn.Sequential(nn.Linear(6, 9), nn.Tanh()), nn.Linear(9, 3)
+
+    def forward(self, x):
+        out = self.head(self.body(x))
+        return out * 1.0 if bool((x[:, 0] >= 2).any()) else out
+
+
+def test_closed_form_gives_way_mid_run_and_keeps_earlier_norms(monkeypatch):
+    from hessfree.grads import closed_form
+
+    monkeypatch.setattr(closed_form.HeadNorms, "_FLUSH_ELEMENTS", 30)
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(30, 6, generator=g).clamp(-1.9, 1.9)
+    X[22, 0] = 3.0  # from the batch holding sample 22 on, the head is no longer the model's output
+    data = TensorDataset(X, torch.randint(0, 3, (30,), generator=g))
+    run = hessfree.Run.from_checkpoints(HeadLastUntil(), [HeadLastUntil().state_dict()], [1.0],
+                                        loss="cross_entropy")
+    G = brute_grads(run, data, select_parameters(run.model, "last_layer_weight"))[-1]
+    s = hessfree.outlier_scores(run, data, detector="l2", dtype=torch.float64, batch_size=4, **Q)
+    assert s.meta["gradient_path"] == "factorised"  # the path it ended on
+    assert max_rel(s.values, G.norm(dim=1)) <= 1e-9
+    with pytest.raises(InputError, match="last operation"):
+        hessfree.outlier_scores(run, data, detector="l2", gradient_path="closed_form", batch_size=4, **Q)
+
+
+def test_closed_form_norms_name_the_nonfinite_sample(monkeypatch):
+    from hessfree.errors import NonFiniteError
+    from hessfree.grads import closed_form
+
+    monkeypatch.setattr(closed_form.HeadNorms, "_FLUSH_ELEMENTS", 20)
+    run, data = head_case("ce", True)
+    X, y = data.tensors
+    X = X.clone()
+    X[29, 2] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"sample id\(s\) \[29\]"):
+        hessfree.outlier_scores(run, TensorDataset(X, y), detector="l1", gradient_path="closed_form",
+                                batch_size=4, **Q)

@@ -44,9 +44,9 @@ def as_index(positions: np.ndarray) -> slice | np.ndarray:
     return positions
 
 
-def _fetch(dataset: Dataset, positions: np.ndarray) -> Any:
+def _fetch(dataset: Dataset, positions: np.ndarray, contiguous: bool = False) -> Any:
     if isinstance(dataset, TensorDataset):
-        idx = as_index(positions)
+        idx = slice(int(positions[0]), int(positions[-1]) + 1) if contiguous else as_index(positions)
         if isinstance(idx, np.ndarray):
             idx = torch.as_tensor(idx)
         return tuple(t[idx] for t in dataset.tensors)
@@ -59,10 +59,11 @@ def iter_batches(dataset: Dataset, batch_size: int, order: np.ndarray | None = N
     if batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, got {batch_size}")
     n = dataset_size(dataset)
+    contiguous = order is None  # 0..N-1: every batch is a slice
     order = np.arange(n, dtype=np.int64) if order is None else np.asarray(order, dtype=np.int64)
     for start in range(0, len(order), batch_size):
         pos = order[start:start + batch_size]
-        yield pos, _fetch(dataset, pos)
+        yield pos, _fetch(dataset, pos, contiguous)
 
 
 def to_device(obj: Any, device: torch.device | str | None, dtype: torch.dtype | None) -> Any:

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from hessfree.datasets import dataset_size, iter_batches, sample_ids
 from hessfree.errors import InputError
-from hessfree.grads.closed_form import HeadCapture, head_module
+from hessfree.grads.closed_form import HeadCapture, HeadGrads, HeadNorms, head_module
 from hessfree.grads.engine import _check_finite
 from hessfree.grads.projection import SparseProjection
 from hessfree.grads.select import ParamSpec
@@ -153,6 +153,7 @@ class _Collector:
     def run(self, dataset: Dataset, ids: np.ndarray, labels_checked: bool) -> Tensor:
         sc, names = self.sc, self.sc.names
         parts = []
+        norms = HeadNorms(self.head, self.want) if self.head is not None and self.want in ("l1", "l2") else None
         with self.head if self.head is not None else nullcontext():
             for pos, batch in iter_batches(dataset, sc.batch_size):
                 v = None
@@ -160,14 +161,26 @@ class _Collector:
                     inputs, targets = sc.engine.prepare(batch)
                     check = None if labels_checked else (
                         lambda out, t=targets, i=ids[pos]: sc.engine.task.validate(out, t, i))
-                    hg = self.head.grads(sc.engine.forward, inputs, targets, check)
-                    if hg is None:
+                    hz = self.head.capture(sc.engine.forward, inputs, check)
+                    if hz is None:
                         if self.strict:
                             raise InputError(_NO_CLOSED_FORM + " (the layer is not the model's last operation)")
                         log.info("the last layer is not the model's final operation: using the gradient engine")
                         self.head = None
+                        if norms is not None:  # batches already seen: their norms are kept, in order
+                            norms.flush()
+                            parts.extend(self._checked(v, i) for v, i in norms.done)
+                            norms = None
+                    elif norms is not None:  # L1 / L2: the residuals are formed many batches at a time
+                        norms.add(hz[0], hz[1], targets, ids[pos])
+                        if norms.done:
+                            parts.extend(self._checked(v, i) for v, i in norms.done)
+                            norms.done.clear()
+                        sc.bar.update(1)
+                        continue
                     else:
-                        v = hg.l2() if self.want == "l2" else hg.l1() if self.want == "l1" else hg.dense(names)
+                        hg = HeadGrads(self.head.residual(hz[1], targets), hz[0], self.head.weight, self.head.bias)
+                        v = hg.dense(names)
                 if v is None:
                     grads = sc.engine.batch_grads(batch, ids[pos], validate=not labels_checked, check_loss=False)
                     if self.want == "l2":
@@ -178,10 +191,17 @@ class _Collector:
                 v = v.detach()
                 if self.proj is not None:
                     v = self.proj.project(v)
-                _check_finite(v if v.ndim == 1 else v.sum(1), ids[pos], "loss or gradient")
-                parts.append(v)
+                parts.append(self._checked(v, ids[pos]))
                 sc.bar.update(1)
+        if norms is not None:
+            norms.flush()
+            parts.extend(self._checked(v, i) for v, i in norms.done)
         return torch.cat(parts)
+
+    @staticmethod
+    def _checked(v: Tensor, ids: Any) -> Tensor:
+        _check_finite(v if v.ndim == 1 else v.sum(1), ids, "loss or gradient")
+        return v
 
 
 def _as_run(run_or_model: Any, loss: Any) -> Run:
