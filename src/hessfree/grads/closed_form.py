@@ -146,7 +146,7 @@ class HeadNorms:
     per batch, which is most of the cost when the head is small.
     """
 
-    _FLUSH_ELEMENTS = 1 << 20
+    _FLUSH_ELEMENTS = 1 << 16
 
     def __init__(self, head: HeadCapture, ord: str):
         if ord not in ("l1", "l2"):
