@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 
 import hessfree
 from hessfree import queries
-from hessfree.errors import InputError, RunDirectoryError
+from hessfree.errors import InputError, LabelError, RunDirectoryError
 from hessfree.methods import dit as dit_mod
 from hessfree.run import replay_states, unflatten
 from helpers import Crashing
@@ -307,6 +307,13 @@ def test_bad_input_refused_before_the_sweep(setup, no_sweep):
         hessfree.dit(run, train, None, **Q)
     with pytest.raises(InputError, match="not in the run"):
         hessfree.oracle.loo_replay(run, train, [999], q, **Q)
+    x, y = val.tensors
+    bad = y.clone()
+    bad[2] = 3.0  # not a 0/1 label for the bce run
+    for fn in (lambda: hessfree.dit(run, train, queries.ValLoss(TensorDataset(x, bad)), **Q),
+               lambda: hessfree.oracle.loo_replay(run, train, [0], TensorDataset(x, bad), **Q)):
+        with pytest.raises(LabelError, match="sample id 2 "):
+            fn()
 
 
 @pytest.mark.parametrize("kw,match", [

@@ -19,9 +19,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from hessfree.datasets import dataset_size, iter_batches, to_device
+from hessfree.datasets import dataset_size, iter_batches, sample_ids, to_device
 from hessfree.errors import InputError
-from hessfree.tasks import Task
+from hessfree.tasks import Task, check_dataset_labels
 
 
 class Query:
@@ -38,6 +38,9 @@ class Query:
     def validate(self) -> None:
         """Cheap checks before any expensive work."""
 
+    def check(self, model: nn.Module, task: Task) -> None:
+        """Checks against the run's model and loss, before any expensive work (one small forward)."""
+
     def describe(self) -> dict[str, Any]:
         return {"name": type(self).__name__, "goal": self.goal}
 
@@ -53,6 +56,19 @@ class ValLoss(Query):
 
     def validate(self) -> None:
         dataset_size(self.dataset, "validation dataset of the query")
+
+    def check(self, model: nn.Module, task: Task) -> None:
+        """The labels against the run's loss (all of them for a TensorDataset, else the first batch)."""
+        dtype = next((p.dtype for p in model.parameters()), None)
+        device = next((p.device for p in model.parameters()), None)
+        was_training = model.training
+        model.eval()  # one forward, changing nothing (no BatchNorm statistics, no dropout draw)
+        try:
+            check_dataset_labels(task, lambda x: task.forward(model, x),
+                                 lambda b: task.split(to_device(b, device, dtype)), self.dataset,
+                                 sample_ids(self.dataset))
+        finally:
+            model.train(was_training)
 
     def prepare(self, dtype: torch.dtype, device: Any) -> None:
         self._n = dataset_size(self.dataset, "validation dataset of the query")

@@ -274,6 +274,7 @@ def _checked(run: Run, train_dataset: Dataset, query: Any, mode: str,
     check_trajectory_model(run.model)
     check_replay_dataset(run, train_dataset)
     q = resolve_query(query)
+    q.check(run.model, run.task)
     return q, FunctionalRun(run, train_dataset, dtype=dtype)
 
 
