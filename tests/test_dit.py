@@ -398,3 +398,13 @@ def test_numpy_int_record_and_random_modules(tmp_path):
         model = nn.Sequential(nn.Linear(3, 4), layer, nn.Linear(4, 1)).double()
         with pytest.raises(InputError, match="random"):
             hessfree.fit(model, data64(), loss="bce", lr=0.1, epochs=1, record="every_step", progress=False)
+
+
+def test_custom_query_data_is_cast_to_the_model_dtype(setup):
+    run, train, _ = setup
+    x32 = torch.randn(4, 3, generator=torch.Generator().manual_seed(7))  # float32, the model runs in float64
+    with_data = hessfree.dit(run, train, queries.Custom(lambda m, x: m(x).sum(), "maximize", data=x32), **Q)
+    ref = hessfree.dit(run, train, queries.Custom(lambda m: m(x32.double()).sum(), "maximize"), **Q)
+    assert np.array_equal(with_data.values, ref.values)
+    with pytest.raises(InputError, match="data="):
+        hessfree.dit(run, train, queries.Custom(lambda m: m(x32).sum()), **Q)

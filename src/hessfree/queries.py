@@ -147,19 +147,37 @@ class Saliency(Query):
 
 
 class Custom(Query):
-    """Any differentiable ``fn(model) -> scalar`` (the model holds the step's parameters)."""
+    """Any differentiable ``fn(model) -> scalar`` (the model holds the step's parameters).
 
-    def __init__(self, fn: Callable[[nn.Module], Tensor], goal: str = "minimize"):
-        self.fn, self.goal = fn, goal
+    The model runs in the sweep's dtype (float64 for ``dit``): tensors the function uses must be
+    of that dtype. Pass them as ``data=`` (any nested tensors) and the function is called as
+    ``fn(model, data)`` with ``data`` cast to the model's dtype and device, as
+    ``targets.Custom`` does.
+    """
+
+    def __init__(self, fn: Callable[..., Tensor], goal: str = "minimize", *, data: Any = None):
+        self.fn, self.goal, self.data = fn, goal, data
+        self._data: Any = None
+
+    def prepare(self, dtype: torch.dtype, device: Any) -> None:
+        self._data = to_device(self.data, device, dtype) if self.data is not None else None
+
+    def value(self, model: nn.Module, task: Task) -> Tensor:
+        try:
+            return self.fn(model) if self.data is None else self.fn(model, self._data)
+        except RuntimeError as e:
+            dtype = next((p.dtype for p in model.parameters()), None)
+            if self.data is None and ("dtype" in str(e) or "Double" in str(e)):  # torch's wording
+                raise InputError(f"the Custom query failed with the model in {dtype} ({e}); pass the tensors the "
+                                 "function uses as Custom(fn, data=...) and take them as fn(model, data): "
+                                 "hessfree casts them to the model's dtype") from e
+            raise
 
     def validate(self) -> None:
         if not callable(self.fn):
             raise InputError("Custom query needs a callable fn(model) -> scalar tensor")
         if self.goal not in ("minimize", "maximize"):
             raise InputError(f"goal must be 'minimize' or 'maximize', got {self.goal!r}")
-
-    def value(self, model: nn.Module, task: Task) -> Tensor:
-        return self.fn(model)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "fn": getattr(self.fn, "__name__", type(self.fn).__name__)}
