@@ -135,12 +135,24 @@ class Scores:
 
 
 def resolve_k(k: Any, n: int) -> int:
-    """A budget as a count in [1, n]: an int, or a fraction in (0, 1) of n (rounded, at least 1)."""
-    if isinstance(k, (float, np.floating)) and 0 < k < 1:
-        return max(1, int(round(float(k) * n)))
-    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
-        raise InputError(f"k must be an integer in [1, {n}] (or a fraction in (0, 1)), got {k!r}")
-    return int(k)
+    """A budget as a count in [1, n]: an int, or a fraction 0 < k < 1 of n (rounded, at least 1).
+
+    The one rule for every ``k`` in hessfree (``Scores.harmful`` / ``helpful`` / ``flag``, the
+    metrics' ``@k``, ``outlier_scores(k=)``); a bad value raises InputError (a ValueError).
+    """
+    if isinstance(k, (bool, np.bool_)):
+        raise InputError(f"k must be an int (1 <= k <= {n}) or a fraction 0 < k < 1, not a bool")
+    if isinstance(k, (int, np.integer)):
+        if not 1 <= int(k) <= n:
+            raise InputError(f"k must be an int with 1 <= k <= {n} (the number of points) or a fraction "
+                             f"0 < k < 1, got k={int(k)}")
+        return int(k)
+    if isinstance(k, (float, np.floating)):
+        if not 0.0 < float(k) < 1.0:
+            raise InputError(f"k must be a fraction 0 < k < 1 when it is a float, got k={float(k)}; pass an int "
+                             f"for an absolute count (1 <= k <= {n})")
+        return max(1, min(n, int(round(float(k) * n))))
+    raise InputError(f"k must be an int (1 <= k <= {n}) or a fraction 0 < k < 1; got {type(k).__name__}")
 
 
 def _order(key: np.ndarray) -> np.ndarray:

@@ -29,6 +29,8 @@ import numpy as np
 from scipy import stats
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from hessfree.scores import resolve_k
+
 __all__ = [
     "auroc",
     "average_precision",
@@ -146,31 +148,6 @@ def _require_positive(y: np.ndarray, metric: str) -> None:
         )
 
 
-def _resolve_k(k: Any, n: int) -> int:
-    """``k`` as an int in ``[1, n]``; fractions ``0 < k < 1`` mean ``max(1, round(k*n))``."""
-    if isinstance(k, (bool, np.bool_)):
-        raise ValueError("k must be an int (1 <= k <= N) or a fraction 0 < k < 1, not a bool.")
-    if isinstance(k, (int, np.integer)):
-        k = int(k)
-        if not 1 <= k <= n:
-            raise ValueError(
-                f"k={k} is out of range: with N={n} points k must satisfy 1 <= k <= {n} "
-                f"(or pass a fraction 0 < k < 1)."
-            )
-        return k
-    if isinstance(k, (float, np.floating)):
-        k = float(k)
-        if not (0.0 < k < 1.0):
-            raise ValueError(
-                f"k={k} is a float, so it is read as a fraction and must satisfy "
-                f"0 < k < 1; pass an int for an absolute count (1 <= k <= {n})."
-            )
-        return max(1, min(n, int(round(k * n))))
-    raise ValueError(
-        f"k must be an int (1 <= k <= N) or a fraction 0 < k < 1; got {type(k).__name__}."
-    )
-
-
 def _ranking(s: np.ndarray) -> np.ndarray:
     """Indices from most to least suspicious; ties keep the lower index first."""
     return np.argsort(-s, kind="stable")
@@ -231,7 +208,7 @@ def precision_at_k(scores: Any, truth: Any, k: int | float) -> float:
         in favour of the lower index.
     """
     s, y = _detection_inputs(scores, truth)
-    kk = _resolve_k(k, s.shape[0])
+    kk = resolve_k(k, s.shape[0])
     return float(y[_top_k(s, kk)].sum() / kk)
 
 
@@ -250,7 +227,7 @@ def recall_at_k(scores: Any, truth: Any, k: int | float) -> float:
     """
     s, y = _detection_inputs(scores, truth)
     _require_positive(y, "recall_at_k")
-    kk = _resolve_k(k, s.shape[0])
+    kk = resolve_k(k, s.shape[0])
     return float(y[_top_k(s, kk)].sum() / y.sum())
 
 
@@ -291,7 +268,7 @@ def detection_accuracy(scores: Any, truth: Any, k: int | float) -> float:
         True for the top ``k`` (ties broken in favour of the lower index).
     """
     s, y = _detection_inputs(scores, truth)
-    kk = _resolve_k(k, s.shape[0])
+    kk = resolve_k(k, s.shape[0])
     flagged = np.zeros(s.shape[0], dtype=bool)
     flagged[_top_k(s, kk)] = True
     return float(np.mean(flagged == y))
@@ -371,7 +348,7 @@ def topk_jaccard(a: Any, b: Any, k: int | float) -> float:
         ``|A & B| / |A | B|`` in ``[0, 1]``; 1.0 means the same top-k set.
     """
     x, y = _pair(a, b, "topk_jaccard", need_variation=False)
-    kk = _resolve_k(k, x.shape[0])
+    kk = resolve_k(k, x.shape[0])
     sa = set(_top_k(x, kk).tolist())
     sb = set(_top_k(y, kk).tolist())
     return float(len(sa & sb) / len(sa | sb))
