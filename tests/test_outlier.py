@@ -378,7 +378,12 @@ def test_closed_form_gives_way_mid_run_and_keeps_earlier_norms(monkeypatch):
     run = hessfree.Run.from_checkpoints(HeadLastUntil(), [HeadLastUntil().state_dict()], [1.0],
                                         loss="cross_entropy")
     G = brute_grads(run, data, select_parameters(run.model, "last_layer_weight"))[-1]
+    held = []  # what the head's hook still holds whenever the capture is closed
+    exit_ = closed_form.HeadCapture.__exit__
+    monkeypatch.setattr(closed_form.HeadCapture, "__exit__", lambda self, *e: (held.append(len(self._calls)),
+                                                                               exit_(self, *e))[1])
     s = hessfree.outlier_scores(run, data, detector="l2", dtype=torch.float64, batch_size=4, **Q)
+    assert held == [0, 0]  # closed when the closed form gave way, and nothing captured after that
     assert s.meta["gradient_path"] == "factorised"  # the path it ended on
     assert max_rel(s.values, G.norm(dim=1)) <= 1e-9
     with pytest.raises(InputError, match="last operation"):

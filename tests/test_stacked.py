@@ -11,8 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import TensorDataset
 
 import hessfree
+from hessfree.errors import InputError
 from hessfree.methods import common
 from helpers import SmallCNN, TokenModel, brute_grads, images, mlp, rel_err, tabular, tokens, trained_run
 
@@ -53,7 +55,8 @@ def test_stacked_equals_one_at_a_time(monkeypatch, name, params):
     for fn in (lambda: hessfree.self_influence(run, data, params=params, batch_size=7, **Q),
                lambda: hessfree.pairwise_influence(run, data, test, params=params, batch_size=7, **Q)):
         stacked, single = _both(monkeypatch, fn)
-        assert stacked.meta["checkpoints_per_pass"] == len(run.checkpoints)
+        # Conv2d weights differ between the checkpoints and Conv2d is not stacked: one at a time
+        assert stacked.meta["checkpoints_per_pass"] == (1 if name == "cnn" else len(run.checkpoints))
         _close(stacked, single)
 
 
@@ -71,7 +74,7 @@ def test_stacked_matches_bruteforce_and_float32(monkeypatch):
 
 
 class GroupedConv(nn.Module):
-    """Conv2d with groups, no bias and 'same' padding (stacked as one grouped convolution)."""
+    """Conv2d with groups, no bias and 'same' padding: convolutions are never stacked."""
 
     def __init__(self):
         super().__init__()
@@ -83,14 +86,17 @@ class GroupedConv(nn.Module):
         return self.fc(torch.relu(self.conv2(torch.relu(self.conv1(x)))).flatten(1))
 
 
-def test_grouped_conv_stacks(monkeypatch):
+def test_conv_checkpoints_go_one_at_a_time(monkeypatch):
     data = images(24)
     run = trained_run(GroupedConv(), data)
-    params = ["conv1.weight", "conv1.bias", "fc.weight", "fc.bias"]  # grouped conv2: unselected, still stacked
+    params = ["conv1.weight", "conv1.bias", "fc.weight", "fc.bias"]
     stacked, single = _both(monkeypatch, lambda: hessfree.self_influence(run, data, params=params, batch_size=5,
                                                                            **Q))
-    assert stacked.meta["checkpoints_per_pass"] > 1
+    assert stacked.meta["checkpoints_per_pass"] == 1
     _close(stacked, single)
+    off = hessfree.self_influence(run, data, params=params, batch_size=5, stack=False, **Q)
+    assert off.meta["checkpoints_per_pass"] == 1
+    _close(off, single)
 
 
 class WithLayerNorm(nn.Module):
@@ -194,3 +200,129 @@ def test_stacked_reruns_bit_identical():
     b = hessfree.self_influence(run, copy.deepcopy(data), batch_size=16, progress=False)
     assert a.meta["checkpoints_per_pass"] > 1
     assert (a.values == b.values).all()
+
+
+def _hand_run(model, change):
+    """A Run of 4 hand-made checkpoints: ``change(state, k)`` edits checkpoint k's tensors."""
+    states = []
+    for k in range(4):
+        st = {n: v.clone() for n, v in model.state_dict().items()}
+        change(st, k)
+        states.append(st)
+    return hessfree.Run.from_checkpoints(model, states, [0.1, 0.2, 0.3, 0.4], loss="cross_entropy")
+
+
+class MeanScaled(nn.Module):
+    """fc1's weight read outside fc1 (its mean scales the output): stacked, the mean mixes checkpoints."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x))) * (1 + 0.1 * self.fc1.weight.mean())
+
+
+class FirstEntry(MeanScaled):
+    """Stacked, fc1.weight.flatten()[0] is checkpoint 0's entry for every checkpoint."""
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x) * self.fc1.weight.flatten()[0]))
+
+
+def test_every_new_set_of_stacked_layers_is_checked(monkeypatch):
+    """Groups of two: checkpoints 0–1 differ only in fc2, 2–3 also in fc1 (read outside its layer).
+    The first group stacks; the second brings a new stacked layer, fails its check, goes one at a
+    time."""
+    def change(st, k):
+        st["fc2.weight"] += 0.1 * k
+        if k >= 2:
+            st["fc1.weight"] += 0.2 * k
+    run = _hand_run(MeanScaled(), change)
+    data = tabular(40)
+    monkeypatch.setattr(common, "_STACK_SAMPLES", 2 * 10)
+    fn = lambda: hessfree.self_influence(run, data, params=["fc2.weight", "fc2.bias"], batch_size=10, **Q)  # noqa: E731
+    stacked, single = _both(monkeypatch, fn)
+    assert stacked.meta["checkpoints_per_pass"] == 2
+    _close(stacked, single)
+
+
+def test_every_checkpoint_of_the_group_is_checked(monkeypatch):
+    def change(st, k):
+        st["fc1.weight"][0, 0] += 0.5 * k
+        st["fc2.weight"] += 0.1 * k
+    run = _hand_run(FirstEntry(), change)
+    data = tabular(40)
+    stacked, single = _both(monkeypatch, lambda: hessfree.self_influence(run, data, params=["fc2.weight"],
+                                                                           batch_size=10, **Q))
+    assert stacked.meta["checkpoints_per_pass"] == 1  # checkpoint 0's rows alone would have passed
+    _close(stacked, single)
+
+
+class SortsByLength(nn.Module):
+    """Sorts its batch by sequence length around a Linear (as packed sequences need), then unsorts."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.proj, self.head = nn.Embedding(11, 5, padding_idx=0), nn.Linear(5, 7), nn.Linear(7, 3)
+
+    def forward(self, ids):
+        order = torch.argsort((ids != 0).sum(1), descending=True, stable=True)
+        h = torch.tanh(self.proj(self.emb(ids[order])))[torch.argsort(order)]
+        mask = (ids != 0).unsqueeze(-1).to(h.dtype)
+        return self.head((h * mask).sum(1) / mask.sum(1).clamp_min(1))
+
+
+def test_a_model_that_reorders_its_batch_is_caught_beyond_the_first_samples(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 11, (48, 6), generator=g)
+    for i in range(16, 48):  # the first 16 samples have full length: their sort is the identity
+        ids[i, int(torch.randint(2, 7, (1,), generator=g)):] = 0
+    data = TensorDataset(ids, torch.randint(0, 3, (48,), generator=g))
+
+    def change(st, k):
+        for n in st:
+            if st[n].is_floating_point():
+                st[n] += 0.3 * k * torch.randn(st[n].shape, generator=g)
+    run = _hand_run(SortsByLength(), change)
+    stacked, single = _both(monkeypatch, lambda: hessfree.self_influence(run, data, batch_size=16, **Q))
+    assert stacked.meta["checkpoints_per_pass"] == 1
+    _close(stacked, single)
+
+
+def test_a_users_instance_forward_is_left_alone():
+    data = tabular(40)
+    run = trained_run(mlp(0), data)
+    lin = run.model[0]
+
+    def patched(x, _orig=type(lin).forward, _m=lin):
+        return _orig(_m, x) * 2.0
+    lin.forward = patched
+    s = hessfree.self_influence(run, data, params="last_layer", batch_size=16, **Q)
+    assert vars(lin).get("forward") is patched  # still the user's, after the call
+    ref = hessfree.self_influence(run, data, params="last_layer", batch_size=16, stack=False, **Q)
+    _close(s, ref)
+    assert s.meta["checkpoints_per_pass"] == 1
+
+
+def test_float16_group_sums_do_not_overflow_the_finite_check(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    run = _hand_run(model, lambda st, k: [v.add_(0.01 * k) for v in st.values()])
+    X = torch.randn(32, 6)
+    X = 60 * X / X.norm(dim=1, keepdim=True)
+    X[5] *= 2.5  # each checkpoint's squared norm fits in float16, their sum over 4 does not
+    data = TensorDataset(X, torch.randint(0, 3, (32,)))
+    stacked, single = _both(monkeypatch, lambda: hessfree.self_influence(run, data, batch_size=16, dtype=torch.float16,
+                                                                           progress=False))
+    assert stacked.meta["checkpoints_per_pass"] == 4
+    _close(stacked, single, 1e-3)
+
+
+def test_stack_must_be_a_bool():
+    data = tabular(10)
+    run = trained_run(mlp(0), data)
+    with pytest.raises(InputError, match="stack must be"):
+        hessfree.self_influence(run, data, stack="yes", **Q)

@@ -100,7 +100,10 @@ class HeadCapture:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._handle.remove()
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self._calls.clear()
 
     def capture(self, forward, inputs: Any, validate=None) -> tuple[Tensor, Tensor] | None:
         """(h, z) of one forward pass, or None when the head is not the model's last operation.

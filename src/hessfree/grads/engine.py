@@ -205,23 +205,24 @@ class GradientEngine:
         """Can several checkpoints share one pass? (factorised layers only, after the first batch's check)"""
         return bool(self.rules) and not self.fallback and self._checked
 
-    def bind_stacked(self, states: list[dict[str, Tensor]]) -> None:
+    def bind_stacked(self, states: list[dict[str, Tensor]]) -> frozenset[str]:
         """Evaluate at K checkpoints at once (see :mod:`hessfree.grads.stacked`): ``batch_grads``
-        then returns K·B rows for a batch of B samples, checkpoint-major.
+        then returns K·B rows for a batch of B samples, checkpoint-major. Returns the names of the
+        tensors bound stacked (those that differ between the checkpoints).
 
-        Raises NotStackable (leaving nothing bound) when a tensor that differs between the
-        checkpoints lives outside an nn.Linear / nn.Conv2d / nn.Embedding weight or bias, or
-        when the engine has vmap-fallback parameters.
+        Raises NotStackable, with the engine's binding unchanged, when the engine has
+        vmap-fallback parameters, or a tensor that differs between the checkpoints is not the
+        weight or bias of an nn.Linear / nn.Embedding, or such a layer already carries an
+        instance ``forward`` of its own (a user's patch, an adapter's hook).
         """
         if not self.can_stack:
             raise NotStackable("the engine has vmap-fallback parameters or has not checked its layers yet")
-        self._unstack()
         K = len(states)
         selected = set(self.names)
         bound: dict[str, Tensor] = {}
         stacked: set[str] = set()
         modules: dict[int, tuple[nn.Module, str]] = {}
-        for k, slots in self._slots.items():
+        for k, slots in self._slots.items():  # decide everything before touching the model
             if k not in states[0]:
                 continue
             vs = [self._cast(s[k]) for s in states]
@@ -229,17 +230,20 @@ class GradientEngine:
                 v = vs[0]
             else:
                 holders = self._owners.get(k, [])
+                if not holders:
+                    raise NotStackable(f"{k!r} differs between the checkpoints")
                 for mod, local in holders:
                     kind = stackable_kind(mod)
                     if kind is None or local not in ("weight", "bias"):
                         raise NotStackable(f"{k!r} differs between the checkpoints and is not the weight or bias "
-                                           "of an nn.Linear, nn.Conv2d or nn.Embedding")
+                                           "of an nn.Linear or nn.Embedding")
+                    if "forward" in vars(mod) and id(mod) not in {id(m) for m in self._forwards}:
+                        raise NotStackable(f"the module holding {k!r} has an instance forward of its own")
                     modules[id(mod)] = (mod, kind)
-                if not holders:
-                    raise NotStackable(f"{k!r} differs between the checkpoints")
                 v = torch.stack(vs)
                 stacked.add(k)
             bound[k] = v.detach().requires_grad_(True) if k in selected else v
+        self._unstack()
         self._state = bound
         for k, v in bound.items():
             for slot, attr in self._slots[k]:
@@ -248,9 +252,10 @@ class GradientEngine:
             mod.forward = stacked_forward(mod, kind, K, lambda: self._rows)  # instance attribute: hooks still run
             self._forwards.append(mod)
         self._stack, self._stacked = K, stacked
+        return frozenset(stacked)
 
     def _unstack(self) -> None:
-        for mod in self._forwards:
+        for mod in self._forwards:  # only forwards this engine set (bind_stacked refuses to replace others)
             del mod.forward
         self._forwards.clear()
         if self._stack > 1:
@@ -305,8 +310,8 @@ class GradientEngine:
         losses = self.task.per_sample_loss(outputs, targets)
         if losses.shape != (B,):
             raise ValueError(f"Task.per_sample_loss must return shape ({B},), got {tuple(losses.shape)}")
-        if check_loss:  # a sample's stacked losses summed: non-finite at any checkpoint stays non-finite
-            _check_finite(losses.view(self._stack, b).sum(0), ids, "loss")
+        if check_loss:  # a sample's stacked losses summed (float64): non-finite at any checkpoint stays so
+            _check_finite(losses.detach().view(self._stack, b).double().sum(0), ids, "loss")
         blocks: list[Block] = []
         if self.rules:
             check = not self._checked and self._stack == 1

@@ -3,18 +3,20 @@
 Scoring K checkpoints one at a time costs K forwards and K backwards per batch; at the batch
 sizes influence is computed with, most of that time is per-operation overhead, not arithmetic.
 Here the batch is repeated K times along its first dimension (rows k-major: checkpoint k owns
-rows k·B … (k+1)·B − 1) and every nn.Linear / nn.Conv2d / nn.Embedding whose weights differ
-between the K checkpoints runs a batched forward with its (K, …) stacked weights: ``bmm`` for
-Linear, a grouped convolution for Conv2d, offset row ids into the stacked table for Embedding.
-Every other module sees an ordinary batch of K·B samples, which is exact because per-sample
-losses in eval mode do not mix samples. The engine's hooks then capture the layer inputs and
+rows k·B … (k+1)·B − 1) and every nn.Linear / nn.Embedding whose weights differ between the K
+checkpoints runs a batched forward with its (K, …) stacked weights: ``bmm`` for Linear, offset
+row ids into the stacked table for Embedding. Every other module sees an ordinary batch of K·B
+samples, which is exact because per-sample losses in eval mode do not mix samples, provided the
+model keeps rows in place (a model that sorts or permutes its batch, e.g. by sequence length,
+must be scored with ``stack=False``). The engine's hooks then capture the layer inputs and
 output gradients of all K·B rows in one backward, and the factorised blocks need no change.
 
-A state tensor that differs between the checkpoints anywhere else (a LayerNorm weight, a
-BatchNorm running mean, a parameter used outside its module's forward) makes the group
-unstackable (:class:`NotStackable`), and the caller scores those checkpoints one at a time.
-The caller also checks the first stacked batch against the unstacked result before relying
-on it (a layer fed a (T, K·B, …) sequence-first input would otherwise mix checkpoints).
+A state tensor that differs between the checkpoints anywhere else (a Conv2d or LayerNorm
+weight, a BatchNorm running mean) makes the group unstackable (:class:`NotStackable`), and the
+caller scores those checkpoints one at a time. The caller also checks every new set of stacked
+layers on samples spread over the dataset against the unstacked result, every checkpoint of the
+group, before relying on it (a layer fed a (T, K·B, …) sequence-first input, or a weight read
+outside its layer, would otherwise mix checkpoints).
 """
 from __future__ import annotations
 
@@ -30,12 +32,14 @@ class NotStackable(Exception):
 
 
 def stackable_kind(module: nn.Module) -> str | None:
-    """The batched forward available for a module type (exact types only), or None."""
+    """The batched forward available for a module type (exact types only), or None.
+
+    nn.Conv2d is not stacked: as one grouped convolution over K checkpoints it ran about 2×
+    slower than K separate convolutions on CPU (a small CNN, batch 256), so a model whose
+    convolution weights differ between checkpoints scores them one at a time."""
     t = type(module)
     if t is nn.Linear:
         return "linear"
-    if t is nn.Conv2d and module.padding_mode == "zeros":
-        return "conv2d"
     if t is nn.Embedding and module.max_norm is None:
         return "embedding"
     return None
@@ -93,17 +97,6 @@ def stacked_forward(module: nn.Module, kind: str, k: int, batch_rows: Callable[[
             xs = x.reshape(k, -1, x.shape[-1])
             y = torch.bmm(xs, W.transpose(1, 2)) if b is None else torch.baddbmm(b.unsqueeze(1), xs, W.transpose(1, 2))
             return y.reshape(*x.shape[:-1], W.shape[1])
-        return forward
-    if kind == "conv2d":
-        def forward(x: Tensor) -> Tensor:
-            rows = batch_rows()
-            _check_rows(x, k, rows, module)
-            W, b = stack(module.weight, 4), stack(module.bias, 1)
-            xg = x.reshape(k, rows, *x.shape[1:]).transpose(0, 1).reshape(rows, k * x.shape[1], *x.shape[2:])
-            y = F.conv2d(xg, W.reshape(-1, *W.shape[2:]), None if b is None else b.reshape(-1), module.stride,
-                         module.padding, module.dilation, module.groups * k)
-            O = W.shape[1]
-            return y.reshape(rows, k, O, *y.shape[2:]).transpose(0, 1).reshape(k * rows, O, *y.shape[2:])
         return forward
     if kind == "embedding":
         def forward(ids: Tensor) -> Tensor:

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -73,7 +74,8 @@ class Scorer:
     """Context for one scoring call: validated inputs, the engine, the progress bar, timing."""
 
     def __init__(self, run: Run, train_dataset: Dataset, *, params: ParamSpec, checkpoints: Any, batch_size: int,
-                 dtype: torch.dtype, device: Any, progress: bool, method: str, ghost: bool = True):
+                 dtype: torch.dtype, device: Any, progress: bool, method: str, ghost: bool = True,
+                 stack: bool = True):
         self.t0 = time.perf_counter()
         self.ks = checkpoint_indices(run, checkpoints)
         self.n = dataset_size(train_dataset, "training dataset")
@@ -88,6 +90,9 @@ class Scorer:
         self.progress = progress
         self.labels_checked = False
         self.checkpoints_per_pass = 1  # largest checkpoint group scored in one pass (checkpoint_groups)
+        if not isinstance(stack, bool):
+            raise InputError(f"stack must be True or False, got {stack!r}")
+        self.stack = stack
 
     def __enter__(self) -> "Scorer":
         self.engine.__enter__()
@@ -117,33 +122,25 @@ class Scorer:
         Groups of up to :func:`group_size` checkpoints share one forward and backward per batch
         (:mod:`hessfree.grads.stacked`); ``train_batches`` then yields gradients whose rows are the
         batch at each checkpoint of the group, checkpoint-major. Where the checkpoints cannot share
-        a pass (parameters on the vmap fallback, other differing weights, or a first stacked batch
-        that does not reproduce the one-checkpoint result) the groups are single checkpoints.
-        Each checkpoint is loaded once.
+        a pass (``stack=False``, parameters on the vmap fallback, other differing weights, or a
+        stacked check that does not reproduce the one-checkpoint result) the groups are single
+        checkpoints. Each checkpoint is loaded once.
         """
         n_batches = -(-self.n // self.batch_size)
         bar = tqdm(total=len(self.ks) * n_batches, desc=self.method, disable=not self.progress, leave=False)
         self.bar = bar
-        size = group_size(self.engine, self.run, self.ks, self.batch_size)
+        size = group_size(self.engine, self.run, self.ks, self.batch_size) if self.stack else 1
+        verified: list[frozenset[str]] = []  # sets of stacked tensors already checked on this model
         start = 0
         try:
             while start < len(self.ks):
                 ks = self.ks[start:start + size]
                 states = [self.run.checkpoint_state(k) for k in ks]
                 etas = [self.run.checkpoints[k].learning_rate for k in ks]
-                stacked = len(ks) > 1
                 if start == 0:
                     self.engine.bind(states[0])
                     self.labels_checked = check_labels(self.engine, self.dataset)
-                    stacked = stacked and self._stacking_verified(states)  # leaves the engine bound
-                    if not stacked:
-                        size = 1
-                elif stacked:
-                    try:
-                        self.engine.bind_stacked(states)  # the first group's check covers this model
-                    except NotStackable as e:
-                        log.info("checkpoints %s one at a time: %s", ks, e)
-                        stacked = False
+                stacked = len(ks) > 1 and self._bind_group(states, verified)
                 if stacked:
                     self.checkpoints_per_pass = max(self.checkpoints_per_pass, len(ks))
                     yield ks, etas
@@ -155,29 +152,55 @@ class Scorer:
         finally:
             bar.close()
 
-    def _stacking_verified(self, states: list[dict[str, Any]]) -> bool:
-        """Bind ``states`` stacked if that reproduces, on the first _CHECK_SAMPLES samples, the
-        per-sample squared gradient norms of ``states[0]`` evaluated alone (the engine is bound to
-        ``states[0]``; that first pass also runs the engine's one-time layer check)."""
-        _, first = next(iter_batches(self.dataset, min(self.batch_size, _CHECK_SAMPLES)))
-        ids = self.ids[:_CHECK_SAMPLES]
-        alone = self.engine.batch_grads(first, ids, validate=not self.labels_checked).sq_norms().double()
-        if not self.engine.can_stack:
-            return False
+    def _check_batch(self) -> tuple[np.ndarray, Any]:
+        """Up to _CHECK_SAMPLES samples spread evenly over the training data (positions, batch)."""
+        pos = np.unique(np.linspace(0, self.n - 1, min(self.n, _CHECK_SAMPLES)).round().astype(np.int64))
+        return pos, next(iter_batches(self.dataset, len(pos), order=pos))[1]
+
+    def _bind_group(self, states: list[dict[str, Any]], verified: list[frozenset[str]]) -> bool:
+        """Bind ``states`` stacked, if allowed; else leave the group to be scored one at a time and
+        return False.
+
+        The first time a set of layers is stacked, the stacked per-sample squared gradient norms,
+        on samples spread over the dataset, must reproduce those of the group's first and last
+        checkpoints evaluated alone. Those two suffice for a weight read outside its layer: any
+        index that is valid for one checkpoint's tensor (non-negative or negative) lands, in the
+        stacked tensor, on the first or the last checkpoint, and a reduction over it mixes them
+        all, so at least one of the two comparisons fails.
+        """
+        pos, batch = self._check_batch()
+        ids = self.ids[pos]
+        K = len(states)
+        alone: dict[int, Tensor] = {}
+        if not self.engine.can_stack:  # the engine's one-time layer check runs on its first batch
+            self.engine.bind(states[0])
+            alone[0] = self.engine.batch_grads(batch, ids, validate=not self.labels_checked).sq_norms().double()
+            if not self.engine.can_stack:
+                return False
         try:
-            self.engine.bind_stacked(states)
-            together = self.engine.batch_grads(first, ids, validate=False).sq_norms().double()[:len(alone)]
+            names = self.engine.bind_stacked(states)
+        except NotStackable as e:
+            log.info("checkpoints one at a time: %s", e)
+            return False
+        if any(names <= done for done in verified):
+            return True
+        try:
+            together = self.engine.batch_grads(batch, ids, validate=False).sq_norms().double().view(K, -1)
         except Exception as e:  # noqa: BLE001 — any failure means: score these one at a time
-            log.info("scoring checkpoints one at a time: %s", e)
+            log.info("checkpoints one at a time: %s", e)
             self.engine.bind(states[0])
             return False
-        scale = float(alone.abs().max()) or 1.0
+        for k in sorted({0, K - 1} - set(alone)):
+            self.engine.bind(states[k])
+            alone[k] = self.engine.batch_grads(batch, ids, validate=not self.labels_checked).sq_norms().double()
         tol = 1e-3 if self.engine.dtype in (torch.float16, torch.bfloat16) else 1e-5
-        if float((together - alone).abs().max()) > tol * scale:
-            log.warning("stacked checkpoints did not reproduce the one-checkpoint gradients on the first batch; "
-                        "scoring checkpoints one at a time")
-            self.engine.bind(states[0])
-            return False
+        for k, ref in alone.items():
+            if float((together[k] - ref).abs().max()) > tol * (float(ref.abs().max()) or 1.0):
+                log.warning("stacked checkpoints did not reproduce the one-checkpoint gradients; scoring "
+                            "checkpoints one at a time (stack=False skips the attempt)")
+                return False
+        verified.append(names)
+        self.engine.bind_stacked(states)
         return True
 
     def train_batches(self, grads: bool = True):

@@ -166,6 +166,7 @@ class _Collector:
                         if self.strict:
                             raise InputError(_NO_CLOSED_FORM + " (the layer is not the model's last operation)")
                         log.info("the last layer is not the model's final operation: using the gradient engine")
+                        self.head.__exit__()  # its hook would keep every later batch's tensors
                         self.head = None
                         if norms is not None:  # batches already seen: their norms are kept, in order
                             norms.flush()

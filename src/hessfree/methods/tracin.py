@@ -33,20 +33,23 @@ from hessfree.targets import Loss, Target
 def self_influence(run: Run, train_dataset: Dataset, *, params: ParamSpec = "all",
                    checkpoints: Sequence[int] | str | None = None, batch_size: int = 256,
                    dtype: torch.dtype = torch.float32, device: Any = None, progress: bool = True,
-                   ghost: bool = True) -> Scores:
+                   ghost: bool = True, stack: bool = True) -> Scores:
     """Σ_k η_k ||g_i(θ_k)||² for every training sample: Scores (N,), higher = more suspicious.
 
     ``params``: "all", "last_layer" or a list of parameter/module names. ``checkpoints``: None
     (all), "last" or indices. ``ghost=False`` forces the vmap(grad) path (reference).
+    ``stack``: score several checkpoints in one pass per batch where that is possible and checked
+    (:mod:`hessfree.grads.stacked`; memory grows with checkpoints × ``batch_size`` rows, at most
+    4,096); ``False``: one checkpoint at a time (needed for a model that reorders its batch).
     """
     with Scorer(run, train_dataset, params=params, checkpoints=checkpoints, batch_size=batch_size, dtype=dtype,
-                device=device, progress=progress, method="self_influence", ghost=ghost) as sc:
+                device=device, progress=progress, method="self_influence", ghost=ghost, stack=stack) as sc:
         out = torch.zeros(sc.n, dtype=torch.float64, device=sc.engine.device)
         for ks, etas in sc.checkpoint_groups():
             w = torch.tensor(etas, dtype=torch.float64, device=out.device)
             for pos, _, grads in sc.train_batches():
                 sq = grads.sq_norms().view(len(ks), -1)  # (checkpoints of the group, B)
-                _check_finite(sq.sum(0), sc.ids[pos], "loss or gradient")
+                _check_finite(sq.double().sum(0), sc.ids[pos], "loss or gradient")
                 sc.add(out, pos, w @ sq.double(), 1.0)
         meta = sc.meta(kind="outlier", goal="minimize")
     return Scores(out.cpu().numpy(), sc.ids, meta)
@@ -83,17 +86,18 @@ def influence(run: Run, train_dataset: Dataset, target: Target | Dataset, *, par
 def pairwise_influence(run: Run, train_dataset: Dataset, test_dataset: Dataset, *, params: ParamSpec = "all",
                        checkpoints: Sequence[int] | str | None = None, batch_size: int = 256,
                        dtype: torch.dtype = torch.float32, device: Any = None, progress: bool = True,
-                       ghost: bool = True) -> Scores:
+                       ghost: bool = True, stack: bool = True) -> Scores:
     """TracInCP matrix Σ_k η_k g_i(θ_k)·∇l(z'_j; θ_k): Scores (n_test, n_train).
 
     Test gradients use the test labels. Row j: positive entries are proponents of test sample j
     (removing them raises its loss), negative entries opponents. ``scores.helpful(k)`` gives the
-    top proponents per test sample, ``scores.harmful(k)`` the top opponents.
+    top proponents per test sample, ``scores.harmful(k)`` the top opponents. ``stack``: as in
+    :func:`self_influence`.
     """
     m = dataset_size(test_dataset, "test dataset")
     test_ids = sample_ids(test_dataset)
     with Scorer(run, train_dataset, params=params, checkpoints=checkpoints, batch_size=batch_size, dtype=dtype,
-                device=device, progress=progress, method="pairwise_influence", ghost=ghost) as sc:
+                device=device, progress=progress, method="pairwise_influence", ghost=ghost, stack=stack) as sc:
         out = torch.zeros(m, sc.n, dtype=torch.float64, device=sc.engine.device)
         first = True
         for ks, etas in sc.checkpoint_groups():
