@@ -306,7 +306,7 @@ class GradientEngine:
             self._clone_outputs = True
             return self.batch_grads(batch, ids, validate, check_loss)
         if validate:  # the labels are the same at every checkpoint: check them once
-            self.task.validate(outputs[:b], own_targets, ids)
+            self.task.validate(outputs if self._stack == 1 else outputs[:b], own_targets, ids)
         losses = self.task.per_sample_loss(outputs, targets)
         if losses.shape != (B,):
             raise ValueError(f"Task.per_sample_loss must return shape ({B},), got {tuple(losses.shape)}")

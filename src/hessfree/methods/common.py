@@ -163,10 +163,10 @@ class Scorer:
 
         The first time a set of layers is stacked, the stacked per-sample squared gradient norms,
         on samples spread over the dataset, must reproduce those of the group's first and last
-        checkpoints evaluated alone. Those two suffice for a weight read outside its layer: any
-        index that is valid for one checkpoint's tensor (non-negative or negative) lands, in the
-        stacked tensor, on the first or the last checkpoint, and a reduction over it mixes them
-        all, so at least one of the two comparisons fails.
+        checkpoints evaluated alone. Those two suffice for a weight read outside its layer: code
+        that indexes the (K, …) stacked tensor as if it were one checkpoint's reads one and the
+        same checkpoint's values for every row, which cannot be right for both the first and the
+        last checkpoint, and a reduction over it mixes all of them.
         """
         pos, batch = self._check_batch()
         ids = self.ids[pos]
