@@ -326,3 +326,43 @@ def test_stack_must_be_a_bool():
     run = trained_run(mlp(0), data)
     with pytest.raises(InputError, match="stack must be"):
         hessfree.self_influence(run, data, stack="yes", **Q)
+
+
+class SequenceFirstSometimes(nn.Module):
+    """Runs its Linear sequence-first for batches holding a token id 10 (the same per-sample
+    result either way); stacked, such a batch cannot go through the stacked Linear."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.proj, self.head = nn.Embedding(11, 5), nn.Linear(5, 7), nn.Linear(7, 3)
+
+    def forward(self, ids):
+        e = self.emb(ids)
+        if bool((ids == 10).any()):
+            h = self.proj(e.transpose(0, 1)).transpose(0, 1)
+        else:
+            h = self.proj(e)
+        return self.head(torch.tanh(h).mean(1))
+
+
+def test_a_stacked_group_that_fails_part_way(monkeypatch):
+    """The check samples (spread over the data) pass; a later batch cannot be stacked. Self-influence
+    scores that group again one checkpoint at a time; pairwise says to pass stack=False."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 10, (48, 6), generator=g)
+    ids[40, 2] = 10  # not among the 16 check samples (positions 0, 3, 6, …, 38, 41, 44, 47)
+    data = TensorDataset(ids, torch.randint(0, 3, (48,), generator=g))
+
+    def change(st, k):
+        for n in st:
+            st[n] += 0.2 * k * torch.randn(st[n].shape, generator=g)
+    run = _hand_run(SequenceFirstSometimes(), change)
+    stacked, single = _both(monkeypatch, lambda: hessfree.self_influence(run, data, batch_size=16, **Q))
+    assert stacked.meta["checkpoints_per_pass"] == 1  # the group that failed is not counted as stacked
+    _close(stacked, single)
+    with pytest.raises(RuntimeError, match="stack=False"):
+        hessfree.pairwise_influence(run, data, torch.utils.data.Subset(data, [0, 1]), batch_size=16, **Q)
+    ok = hessfree.pairwise_influence(run, data, torch.utils.data.Subset(data, [0, 1]), batch_size=16, stack=False,
+                                     **Q)
+    assert ok.meta["checkpoints_per_pass"] == 1

@@ -90,6 +90,7 @@ class Scorer:
         self.progress = progress
         self.labels_checked = False
         self.checkpoints_per_pass = 1  # largest checkpoint group scored in one pass (checkpoint_groups)
+        self._redo = False  # set by redo_alone: the current stacked group is to be scored one at a time
         if not isinstance(stack, bool):
             raise InputError(f"stack must be True or False, got {stack!r}")
         self.stack = stack
@@ -142,15 +143,26 @@ class Scorer:
                     self.labels_checked = check_labels(self.engine, self.dataset)
                 stacked = len(ks) > 1 and self._bind_group(states, verified)
                 if stacked:
-                    self.checkpoints_per_pass = max(self.checkpoints_per_pass, len(ks))
+                    self._redo = False
                     yield ks, etas
-                else:
+                    if not self._redo:
+                        self.checkpoints_per_pass = max(self.checkpoints_per_pass, len(ks))
+                if stacked and self._redo:  # the caller discarded the group: one at a time after all
+                    self.bar.reset(total=self.bar.total)  # batches of the failed pass were counted
+                    self.bar.update(start * n_batches)
+                if not stacked or self._redo:
                     for k, state, eta in zip(ks, states, etas):
                         self.engine.bind(state)
                         yield [k], [eta]
                 start += len(ks)
         finally:
             bar.close()
+
+    def redo_alone(self, error: Exception) -> None:
+        """Called by a caller whose stacked group failed part-way (its partial sums discarded):
+        the generator then yields that group's checkpoints one at a time."""
+        log.warning("a stacked pass failed part-way (%s); scoring those checkpoints one at a time", error)
+        self._redo = True
 
     def _check_batch(self) -> tuple[np.ndarray, Any]:
         """Up to _CHECK_SAMPLES samples spread evenly over the training data (positions, batch)."""

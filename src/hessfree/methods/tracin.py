@@ -14,6 +14,7 @@ checkpoint; training data streams in batches; only the returned scores are ever 
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any, Sequence
 
 import numpy as np
@@ -24,6 +25,7 @@ from hessfree.datasets import as_index, dataset_size, iter_batches, sample_ids
 from hessfree.grads.blocks import BatchGrads, concat
 from hessfree.grads.engine import _check_finite
 from hessfree.grads.select import ParamSpec
+from hessfree.grads.stacked import NotStackable
 from hessfree.methods.common import Scorer, check_labels
 from hessfree.run import Run
 from hessfree.scores import Scores
@@ -47,10 +49,19 @@ def self_influence(run: Run, train_dataset: Dataset, *, params: ParamSpec = "all
         out = torch.zeros(sc.n, dtype=torch.float64, device=sc.engine.device)
         for ks, etas in sc.checkpoint_groups():
             w = torch.tensor(etas, dtype=torch.float64, device=out.device)
-            for pos, _, grads in sc.train_batches():
-                sq = grads.sq_norms().view(len(ks), -1)  # (checkpoints of the group, B)
-                _check_finite(sq.double().sum(0), sc.ids[pos], "loss or gradient")
-                sc.add(out, pos, w @ sq.double(), 1.0)
+            part = out if len(ks) == 1 else torch.zeros_like(out)  # a stacked group's sums, kept apart
+            try:
+                for pos, _, grads in sc.train_batches():
+                    sq = grads.sq_norms().view(len(ks), -1)  # (checkpoints of the group, B)
+                    _check_finite(sq.double().sum(0), sc.ids[pos], "loss or gradient")
+                    sc.add(part, pos, w @ sq.double(), 1.0)
+            except (NotStackable, RuntimeError) as e:
+                if part is out:
+                    raise
+                sc.redo_alone(e)  # this group again, one checkpoint at a time
+                continue
+            if part is not out:
+                out += part
         meta = sc.meta(kind="outlier", goal="minimize")
     return Scores(out.cpu().numpy(), sc.ids, meta)
 
@@ -105,21 +116,42 @@ def pairwise_influence(run: Run, train_dataset: Dataset, test_dataset: Dataset, 
                 test_checked = check_labels(sc.engine, test_dataset)
                 first = False
             w = torch.tensor(etas, dtype=torch.float64, device=out.device)
-            tests = [(p, as_index(p), g) for p, g in _merged(
-                [(p, sc.engine.batch_grads(b, test_ids[p], validate=not test_checked))
-                 for p, b in iter_batches(test_dataset, batch_size)])]
-            for pos, _, tr in sc.train_batches():
-                c = as_index(pos)
-                for rows, r, te in tests:
-                    block = te.weighted_gram(tr, w).detach()  # (B_test, B_train) float64, Σ_k η_k
-                    _check_finite(block.sum(0), sc.ids[pos], "loss or gradient")
-                    if isinstance(r, slice) and isinstance(c, slice):
-                        out[r, c].add_(block)
-                    else:
-                        ri, ci = torch.as_tensor(rows, device=out.device), torch.as_tensor(pos, device=out.device)
-                        out[ri[:, None], ci[None, :]] += block
+            try:
+                tests = [(p, as_index(p), g) for p, g in _merged(
+                    [(p, sc.engine.batch_grads(b, test_ids[p], validate=not test_checked))
+                     for p, b in iter_batches(test_dataset, batch_size)])]
+            except (NotStackable, RuntimeError) as e:
+                if len(ks) == 1:
+                    raise
+                sc.redo_alone(e)  # nothing added yet: this group again, one checkpoint at a time
+                continue
+            with _explained(len(ks)):
+                for pos, _, tr in sc.train_batches():
+                    c = as_index(pos)
+                    for rows, r, te in tests:
+                        block = te.weighted_gram(tr, w).detach()  # (B_test, B_train) float64, Σ_k η_k
+                        _check_finite(block.sum(0), sc.ids[pos], "loss or gradient")
+                        if isinstance(r, slice) and isinstance(c, slice):
+                            out[r, c].add_(block)
+                        else:
+                            ri = torch.as_tensor(rows, device=out.device)
+                            ci = torch.as_tensor(pos, device=out.device)
+                            out[ri[:, None], ci[None, :]] += block
         meta = sc.meta(n_test=m, goal="minimize")
     return Scores(out.cpu().numpy(), sc.ids, meta, test_ids=test_ids)
+
+
+@contextmanager
+def _explained(group: int):
+    """A stacked pass of ``group`` checkpoints that fails part-way raises with the way out (the
+    pairwise sums of a group cannot be taken back without a second n_test × N buffer)."""
+    try:
+        yield
+    except (NotStackable, RuntimeError) as e:
+        if group == 1:
+            raise
+        raise RuntimeError(f"scoring {group} checkpoints in one pass failed part-way ({e}); "
+                           "pass stack=False to score one checkpoint at a time") from e
 
 
 _MERGE_SAMPLES = 4096
