@@ -346,23 +346,71 @@ class SequenceFirstSometimes(nn.Module):
         return self.head(torch.tanh(h).mean(1))
 
 
-def test_a_stacked_group_that_fails_part_way(monkeypatch):
-    """The check samples (spread over the data) pass; a later batch cannot be stacked. Self-influence
-    scores that group again one checkpoint at a time; pairwise says to pass stack=False."""
+def _sometimes_sequence_first(n_checkpoints=4):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 10, (48, 6), generator=g)
     ids[40, 2] = 10  # not among the 16 check samples (positions 0, 3, 6, …, 38, 41, 44, 47)
     data = TensorDataset(ids, torch.randint(0, 3, (48,), generator=g))
-
-    def change(st, k):
+    states = []
+    model = SequenceFirstSometimes()
+    for k in range(n_checkpoints):
+        st = {n: v.clone() for n, v in model.state_dict().items()}
         for n in st:
             st[n] += 0.2 * k * torch.randn(st[n].shape, generator=g)
-    run = _hand_run(SequenceFirstSometimes(), change)
-    stacked, single = _both(monkeypatch, lambda: hessfree.self_influence(run, data, batch_size=16, **Q))
+        states.append(st)
+    run = hessfree.Run.from_checkpoints(model, states, [0.1] * n_checkpoints, loss="cross_entropy")
+    return run, data
+
+
+def test_a_stacked_group_that_fails_part_way(monkeypatch, caplog):
+    """The check samples (spread over the data) pass; a later batch cannot be stacked. Self-influence
+    scores that group again one checkpoint at a time, and every group after it too (one warning);
+    pairwise does the same when the test batches fail, else says to pass stack=False."""
+    run, data = _sometimes_sequence_first(12)
+    monkeypatch.setattr(common, "_STACK_SAMPLES", 4 * 16)  # groups of 4
+    with caplog.at_level("WARNING", logger="hessfree.methods.common"):
+        stacked, single = _both(monkeypatch, lambda: hessfree.self_influence(run, data, batch_size=16, **Q))
     assert stacked.meta["checkpoints_per_pass"] == 1  # the group that failed is not counted as stacked
+    assert sum("failed part-way" in r.getMessage() for r in caplog.records) == 1
     _close(stacked, single)
+    sub = torch.utils.data.Subset
     with pytest.raises(RuntimeError, match="stack=False"):
-        hessfree.pairwise_influence(run, data, torch.utils.data.Subset(data, [0, 1]), batch_size=16, **Q)
-    ok = hessfree.pairwise_influence(run, data, torch.utils.data.Subset(data, [0, 1]), batch_size=16, stack=False,
-                                     **Q)
-    assert ok.meta["checkpoints_per_pass"] == 1
+        hessfree.pairwise_influence(run, data, sub(data, [0, 1]), batch_size=16, **Q)
+    first_bad = hessfree.pairwise_influence(run, data, sub(data, [40, 1]), batch_size=16, **Q)  # test batch fails
+    ref = hessfree.pairwise_influence(run, data, sub(data, [40, 1]), batch_size=16, stack=False, **Q)
+    assert ref.meta["checkpoints_per_pass"] == 1
+    _close(first_bad, ref)
+
+
+class DetachedScale(nn.Module):
+    """A detached statistic of fc1's weight scales the output: the engine's sum check cannot see
+    it (no gradient flows), only the stacked check can."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x))) * (1 + self.fc1.weight.detach().abs().mean())
+
+
+def test_every_group_is_checked(monkeypatch):
+    """The first group's checkpoints barely differ (its check passes in float32); later groups
+    differ a lot and must be checked again, not trusted because the same layers passed before."""
+    model = DetachedScale()
+    states = []
+    for k in range(8):
+        st = {n: v.clone() for n, v in model.state_dict().items()}
+        st["fc1.weight"] += 1e-7 * k if k < 4 else 0.5 * (k - 3)
+        st["fc2.weight"] += 0.1 * k
+        states.append(st)
+    run = hessfree.Run.from_checkpoints(model, states, [0.1] * 8, loss="cross_entropy")
+    data = tabular(40)
+    monkeypatch.setattr(common, "_STACK_SAMPLES", 4 * 10)  # groups of 4
+    s = hessfree.self_influence(run, data, batch_size=10, progress=False)
+    ref = hessfree.self_influence(run, data, batch_size=10, progress=False, stack=False)
+    assert s.meta["checkpoints_per_pass"] == 4  # the first group stacked
+    _close(s, ref, 1e-6)
+    s64 = hessfree.self_influence(run, data, batch_size=10, **Q)  # float64: even the 1e-7 mixing is refused
+    assert s64.meta["checkpoints_per_pass"] == 1

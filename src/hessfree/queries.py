@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from hessfree.datasets import dataset_size, iter_batches, sample_ids, to_device
-from hessfree.errors import InputError
+from hessfree.errors import InputError, LabelError
 from hessfree.tasks import Task, check_dataset_labels
 
 
@@ -67,6 +67,8 @@ class ValLoss(Query):
             check_dataset_labels(task, lambda x: task.forward(model, x),
                                  lambda b: task.split(to_device(b, device, dtype)), self.dataset,
                                  sample_ids(self.dataset))
+        except LabelError as e:
+            raise LabelError(f"the query's validation dataset: {e}") from e
         finally:
             model.train(was_training)
 

@@ -131,7 +131,6 @@ class Scorer:
         bar = tqdm(total=len(self.ks) * n_batches, desc=self.method, disable=not self.progress, leave=False)
         self.bar = bar
         size = group_size(self.engine, self.run, self.ks, self.batch_size) if self.stack else 1
-        verified: list[frozenset[str]] = []  # sets of stacked tensors already checked on this model
         start = 0
         try:
             while start < len(self.ks):
@@ -141,13 +140,14 @@ class Scorer:
                 if start == 0:
                     self.engine.bind(states[0])
                     self.labels_checked = check_labels(self.engine, self.dataset)
-                stacked = len(ks) > 1 and self._bind_group(states, verified)
+                stacked = len(ks) > 1 and self._bind_group(states)
                 if stacked:
                     self._redo = False
                     yield ks, etas
                     if not self._redo:
                         self.checkpoints_per_pass = max(self.checkpoints_per_pass, len(ks))
-                if stacked and self._redo:  # the caller discarded the group: one at a time after all
+                if stacked and self._redo:  # the caller discarded the group: one at a time after all,
+                    size = 1  # and for the groups after it (they would fail the same way)
                     self.bar.reset(total=self.bar.total)  # batches of the failed pass were counted
                     self.bar.update(start * n_batches)
                 if not stacked or self._redo:
@@ -169,11 +169,12 @@ class Scorer:
         pos = np.unique(np.linspace(0, self.n - 1, min(self.n, _CHECK_SAMPLES)).round().astype(np.int64))
         return pos, next(iter_batches(self.dataset, len(pos), order=pos))[1]
 
-    def _bind_group(self, states: list[dict[str, Any]], verified: list[frozenset[str]]) -> bool:
+    def _bind_group(self, states: list[dict[str, Any]]) -> bool:
         """Bind ``states`` stacked, if allowed; else leave the group to be scored one at a time and
         return False.
 
-        The first time a set of layers is stacked, the stacked per-sample squared gradient norms,
+        For every group (a check passed on one group says little about a later one whose
+        checkpoints differ more), the stacked per-sample squared gradient norms,
         on samples spread over the dataset, must reproduce those of the group's first and last
         checkpoints evaluated alone. Those two suffice for a weight read outside its layer: code
         that indexes the (K, …) stacked tensor as if it were one checkpoint's reads one and the
@@ -190,12 +191,10 @@ class Scorer:
             if not self.engine.can_stack:
                 return False
         try:
-            names = self.engine.bind_stacked(states)
+            self.engine.bind_stacked(states)
         except NotStackable as e:
             log.info("checkpoints one at a time: %s", e)
             return False
-        if any(names <= done for done in verified):
-            return True
         try:
             together = self.engine.batch_grads(batch, ids, validate=False).sq_norms().double().view(K, -1)
         except Exception as e:  # noqa: BLE001 — any failure means: score these one at a time
@@ -205,13 +204,12 @@ class Scorer:
         for k in sorted({0, K - 1} - set(alone)):
             self.engine.bind(states[k])
             alone[k] = self.engine.batch_grads(batch, ids, validate=not self.labels_checked).sq_norms().double()
-        tol = 1e-3 if self.engine.dtype in (torch.float16, torch.bfloat16) else 1e-5
+        tol = {torch.float64: 1e-10, torch.float16: 1e-3, torch.bfloat16: 1e-3}.get(self.engine.dtype, 1e-5)
         for k, ref in alone.items():
             if float((together[k] - ref).abs().max()) > tol * (float(ref.abs().max()) or 1.0):
                 log.warning("stacked checkpoints did not reproduce the one-checkpoint gradients; scoring "
                             "checkpoints one at a time (stack=False skips the attempt)")
                 return False
-        verified.append(names)
         self.engine.bind_stacked(states)
         return True
 

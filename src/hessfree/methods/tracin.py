@@ -110,13 +110,12 @@ def pairwise_influence(run: Run, train_dataset: Dataset, test_dataset: Dataset, 
     with Scorer(run, train_dataset, params=params, checkpoints=checkpoints, batch_size=batch_size, dtype=dtype,
                 device=device, progress=progress, method="pairwise_influence", ghost=ghost, stack=stack) as sc:
         out = torch.zeros(m, sc.n, dtype=torch.float64, device=sc.engine.device)
-        first = True
+        test_checked = None
         for ks, etas in sc.checkpoint_groups():
-            if first:
-                test_checked = check_labels(sc.engine, test_dataset)
-                first = False
             w = torch.tensor(etas, dtype=torch.float64, device=out.device)
             try:
+                if test_checked is None:
+                    test_checked = check_labels(sc.engine, test_dataset)
                 tests = [(p, as_index(p), g) for p, g in _merged(
                     [(p, sc.engine.batch_grads(b, test_ids[p], validate=not test_checked))
                      for p, b in iter_batches(test_dataset, batch_size)])]
@@ -150,8 +149,12 @@ def _explained(group: int):
     except (NotStackable, RuntimeError) as e:
         if group == 1:
             raise
-        raise RuntimeError(f"scoring {group} checkpoints in one pass failed part-way ({e}); "
-                           "pass stack=False to score one checkpoint at a time") from e
+        msg = (f"scoring {group} checkpoints in one pass failed part-way; pass stack=False to score one "
+               "checkpoint at a time")
+        if isinstance(e, NotStackable):  # internal: say what happened and what to do
+            raise RuntimeError(f"{msg} ({e})") from e
+        e.add_note(msg)  # e.g. torch.OutOfMemoryError keeps its type
+        raise
 
 
 _MERGE_SAMPLES = 4096
