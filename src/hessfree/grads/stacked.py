@@ -13,10 +13,10 @@ output gradients of all K·B rows in one backward, and the factorised blocks nee
 
 A state tensor that differs between the checkpoints anywhere else (a Conv2d or LayerNorm
 weight, a BatchNorm running mean) makes the group unstackable (:class:`NotStackable`), and the
-caller scores those checkpoints one at a time. The caller also checks every new set of stacked
-layers on samples spread over the dataset against the unstacked result, every checkpoint of the
-group, before relying on it (a layer fed a (T, K·B, …) sequence-first input, or a weight read
-outside its layer, would otherwise mix checkpoints).
+caller scores those checkpoints one at a time. The caller also checks every group, on samples
+spread over the dataset, against the unstacked result of its first and last checkpoints before
+relying on it (a layer fed a (T, K·B, …) sequence-first input, or a weight read outside its
+layer, would otherwise mix checkpoints).
 """
 from __future__ import annotations
 
