@@ -27,6 +27,21 @@ from torch import Tensor, nn
 from hessfree.tasks import BCEWithLogits, CrossEntropy, Task
 
 
+def row_norm(x: Tensor, ord: str) -> Tensor:
+    """(B,) L2 or L1 norm of each row (``vector_norm(ord=1)`` is ~10× slower on CPU than abs-sum)."""
+    return torch.linalg.vector_norm(x, dim=1) if ord == "l2" else x.abs().sum(1)
+
+
+def gradient_norm(r_norm: Tensor, h_norm: Tensor | None, ord: str, bias: bool) -> Tensor:
+    """The norm of r hᵀ (and r for the bias) from the row norms of r and h: ||r||·sqrt(||h||² + [bias])
+    for L2, ||r||₁·(||h||₁ + [bias]) for L1; ``h_norm`` None: only the bias is selected."""
+    if h_norm is None:
+        return r_norm
+    if bias:
+        h_norm = h_norm.square().add_(1).sqrt_() if ord == "l2" else h_norm.add_(1)
+    return r_norm * h_norm
+
+
 @dataclass
 class HeadGrads:
     """Per-sample gradients of a final linear layer as factors: r (B, C), h (B, d)."""
@@ -37,18 +52,15 @@ class HeadGrads:
     bias: str | None
 
     def l2(self) -> Tensor:
-        r = torch.linalg.vector_norm(self.r, dim=1)
-        if self.weight is None:
-            return r
-        h = torch.linalg.vector_norm(self.h, dim=1)
-        return r * (h.square().add_(1).sqrt_() if self.bias is not None else h)
+        return self.norm("l2")
 
     def l1(self) -> Tensor:
-        r = self.r.abs().sum(1)  # vector_norm(ord=1) is ~10× slower on CPU
-        if self.weight is None:
-            return r
-        h = self.h.abs().sum(1)
-        return r * (h.add_(1) if self.bias is not None else h)
+        return self.norm("l1")
+
+    def norm(self, ord: str) -> Tensor:
+        """(B,) L1 or L2 norm of each sample's gradient over the selected parameters."""
+        hn = row_norm(self.h, ord) if self.weight is not None else None
+        return gradient_norm(row_norm(self.r, ord), hn, ord, self.bias is not None)
 
     def dense(self, names: list[str]) -> Tensor:
         """(B, P) gradients in ``names`` order, each parameter flattened row-major."""
@@ -134,8 +146,10 @@ class HeadCapture:
     def grads(self, forward, inputs: Any, targets: Tensor, validate=None) -> HeadGrads | None:
         """One batch's per-sample gradients as factors, or None (see :meth:`capture`)."""
         hz = self.capture(forward, inputs, validate)
-        if hz is None:
-            return None
+        return None if hz is None else self.factors(hz, targets)
+
+    def factors(self, hz: tuple[Tensor, Tensor], targets: Tensor) -> HeadGrads:
+        """The per-sample gradients of a captured (h, z) as factors."""
         h, z = hz
         return HeadGrads(self.residual(z, targets), h, self.weight, self.bias)
 
@@ -145,7 +159,7 @@ class HeadNorms:
 
     Per batch only the logits z, the labels and one norm of h are kept (one reduction); r and its
     norm are formed for up to ``_FLUSH_ELEMENTS`` logits at a time. The values are those of
-    :meth:`HeadGrads.l1` / :meth:`HeadGrads.l2` (same formulas), with far fewer tensor operations
+    :meth:`HeadGrads.norm` (the same functions, row_norm and gradient_norm), with far fewer tensor operations
     per batch, which is most of the cost when the head is small.
     """
 
@@ -165,8 +179,7 @@ class HeadNorms:
     def add(self, h: Tensor, z: Tensor, targets: Tensor, ids: Any) -> None:
         with torch.no_grad():
             if self.head.weight is not None:
-                hn = torch.linalg.vector_norm(h, dim=1) if self.ord == "l2" else h.abs().sum(1)
-                self._hn.append(hn)
+                self._hn.append(row_norm(h, self.ord))
         self._z.append(z)
         self._y.append(targets)
         self._ids.append(ids)
@@ -180,12 +193,7 @@ class HeadNorms:
         z, y = torch.cat(self._z), torch.cat(self._y)
         ids = np.concatenate([np.asarray(part) for part in self._ids])
         with torch.no_grad():
-            r = self.head.residual(z, y)
-            v = torch.linalg.vector_norm(r, dim=1) if self.ord == "l2" else r.abs().sum(1)
-            if self.head.weight is not None:
-                hn = torch.cat(self._hn)
-                if self.head.bias is not None:
-                    hn = hn.square().add_(1).sqrt_() if self.ord == "l2" else hn.add_(1)
-                v = v * hn
+            hn = torch.cat(self._hn) if self.head.weight is not None else None
+            v = gradient_norm(row_norm(self.head.residual(z, y), self.ord), hn, self.ord, self.head.bias is not None)
         self.done.append((v, ids))
         self._z, self._y, self._hn, self._ids, self._rows = [], [], [], [], 0

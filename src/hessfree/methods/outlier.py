@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from hessfree.datasets import dataset_size, iter_batches, sample_ids
 from hessfree.errors import InputError
-from hessfree.grads.closed_form import HeadCapture, HeadGrads, HeadNorms, head_module
+from hessfree.grads.closed_form import HeadCapture, HeadNorms, head_module
 from hessfree.grads.engine import _check_finite
 from hessfree.grads.projection import SparseProjection
 from hessfree.grads.select import ParamSpec
@@ -180,8 +180,7 @@ class _Collector:
                         sc.bar.update(1)
                         continue
                     else:
-                        hg = HeadGrads(self.head.residual(hz[1], targets), hz[0], self.head.weight, self.head.bias)
-                        v = hg.dense(names)
+                        v = self.head.factors(hz, targets).dense(names)
                 if v is None:
                     grads = sc.engine.batch_grads(batch, ids[pos], validate=not labels_checked, check_loss=False)
                     if self.want == "l2":
