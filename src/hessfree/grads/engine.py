@@ -44,21 +44,11 @@ class _TaskModule(nn.Module):
         return self.task.forward(self.model, inputs)
 
 
-def _tensor_slots(model: nn.Module) -> dict[str, list[tuple[dict, str]]]:
-    """Canonical state-dict name -> every (module._parameters / _buffers dict, key) holding it.
-
-    Tied tensors (one Parameter registered in two modules) get one entry with both slots.
-    """
-    slots: dict[str, list[tuple[dict, str]]] = {}
-    canonical: dict[int, str] = {}
-    for kind, items in (("_parameters", model.named_parameters(remove_duplicate=False)),
-                        ("_buffers", model.named_buffers(remove_duplicate=False))):
-        for name, t in items:
-            mod_name, _, attr = name.rpartition(".")
-            mod = model.get_submodule(mod_name) if mod_name else model
-            key = canonical.setdefault(id(t), name)
-            slots.setdefault(key, []).append((getattr(mod, kind), attr))
-    return slots
+def _tensor_slots(holders: dict[str, list[tuple[nn.Module, str]]]) -> dict[str, list[tuple[dict, str]]]:
+    """Canonical state-dict name -> every (module._parameters / _buffers dict, key) holding it, from
+    :func:`hessfree.grads.stacked.owners` (tied tensors: one entry with every slot)."""
+    return {name: [(mod._parameters if local in mod._parameters else mod._buffers, local) for mod, local in mods]
+            for name, mods in holders.items()}
 
 
 def _rule_kind(module: nn.Module) -> str | None:
@@ -107,8 +97,8 @@ class GradientEngine:
         self._checked = False
         self._was_training = model.training
         self._state: dict[str, Tensor] = {}
-        self._slots = _tensor_slots(model)
         self._owners = owners(model)
+        self._slots = _tensor_slots(self._owners)
         self._rows = 0  # samples of the batch being evaluated (read by stacked forwards)
         self._originals: list[tuple[dict, str, Any]] = []
         self._stack = 1  # checkpoints bound at once (see bind_stacked)
