@@ -104,20 +104,10 @@ class Scorer:
 
     def checkpoints(self, extra_batches_per_checkpoint: int = 0):
         """Yield (k, η_k) with the engine bound to checkpoint k; each checkpoint loads once."""
-        n_batches = -(-self.n // self.batch_size)
-        bar = tqdm(total=len(self.ks) * (n_batches + extra_batches_per_checkpoint), desc=self.method,
-                   disable=not self.progress, leave=False)
-        self.bar = bar
-        try:
-            for i, k in enumerate(self.ks):
-                self.engine.bind(self.run.checkpoint_state(k))
-                if i == 0:
-                    self.labels_checked = check_labels(self.engine, self.dataset)
-                yield k, self.run.checkpoints[k].learning_rate
-        finally:
-            bar.close()
+        for ks, etas in self.checkpoint_groups(extra_batches_per_checkpoint, stack=False):
+            yield ks[0], etas[0]
 
-    def checkpoint_groups(self):
+    def checkpoint_groups(self, extra_batches_per_checkpoint: int = 0, stack: bool | None = None):
         """Yield (checkpoint indices, their η) with the engine bound to all of them at once.
 
         Groups of up to :func:`group_size` checkpoints share one forward and backward per batch
@@ -125,12 +115,15 @@ class Scorer:
         batch at each checkpoint of the group, checkpoint-major. Where the checkpoints cannot share
         a pass (``stack=False``, parameters on the vmap fallback, other differing weights, or a
         stacked check that does not reproduce the one-checkpoint result) the groups are single
-        checkpoints. Each checkpoint is loaded once.
+        checkpoints. Each checkpoint is loaded once. ``stack``: None means the Scorer's setting;
+        ``extra_batches_per_checkpoint``: batches beyond the training data the caller reports to
+        the progress bar for each checkpoint.
         """
-        n_batches = -(-self.n // self.batch_size)
-        bar = tqdm(total=len(self.ks) * n_batches, desc=self.method, disable=not self.progress, leave=False)
+        per_checkpoint = -(-self.n // self.batch_size) + extra_batches_per_checkpoint
+        bar = tqdm(total=len(self.ks) * per_checkpoint, desc=self.method, disable=not self.progress, leave=False)
         self.bar = bar
-        size = group_size(self.engine, self.run, self.ks, self.batch_size) if self.stack else 1
+        stack = self.stack if stack is None else stack
+        size = group_size(self.engine, self.run, self.ks, self.batch_size) if stack else 1
         start = 0
         try:
             while start < len(self.ks):
@@ -149,10 +142,11 @@ class Scorer:
                 if stacked and self._redo:  # the caller discarded the group: one at a time after all,
                     size = 1  # and for the groups after it (they would fail the same way)
                     self.bar.reset(total=self.bar.total)  # batches of the failed pass were counted
-                    self.bar.update(start * n_batches)
+                    self.bar.update(start * per_checkpoint)
                 if not stacked or self._redo:
-                    for k, state, eta in zip(ks, states, etas):
-                        self.engine.bind(state)
+                    for i, (k, state, eta) in enumerate(zip(ks, states, etas)):
+                        if start > 0 or i > 0 or len(ks) > 1:  # else still bound from the first bind above
+                            self.engine.bind(state)
                         yield [k], [eta]
                 start += len(ks)
         finally:
