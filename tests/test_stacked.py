@@ -119,21 +119,30 @@ def test_differing_layernorm_scores_one_at_a_time(monkeypatch):
         _close(stacked, single)
 
 
+def _hand_run(model, change, learning_rates=(0.1, 0.2, 0.3, 0.4)):
+    """A Run of hand-made checkpoints, one per learning rate: ``change(state, k)`` edits
+    checkpoint k's tensors."""
+    states = []
+    for k in range(len(learning_rates)):
+        st = {n: v.clone() for n, v in model.state_dict().items()}
+        change(st, k)
+        states.append(st)
+    return hessfree.Run.from_checkpoints(model, states, list(learning_rates), loss="cross_entropy")
+
+
 def test_later_group_that_cannot_stack(monkeypatch):
     """Checkpoints 0–1 differ only in Linear weights, 2–3 also in the LayerNorm: groups of two
     stack the first pair and score the second one at a time."""
     data = tabular(30)
     model = WithLayerNorm()
     torch.manual_seed(3)
-    states = []
-    for k in range(4):
-        s = {n: v.clone() for n, v in model.state_dict().items()}
-        s["fc1.weight"] += 0.1 * k
-        s["fc2.bias"] -= 0.05 * k
+
+    def change(st, k):
+        st["fc1.weight"] += 0.1 * k
+        st["fc2.bias"] -= 0.05 * k
         if k >= 2:
-            s["norm.weight"] += 0.2 * k
-        states.append(s)
-    run = hessfree.Run.from_checkpoints(model, states, [0.1, 0.2, 0.3, 0.4], loss="cross_entropy")
+            st["norm.weight"] += 0.2 * k
+    run = _hand_run(model, change)
     monkeypatch.setattr(common, "_STACK_SAMPLES", 2 * 10)
     fn = lambda: hessfree.self_influence(run, data, params="last_layer", batch_size=10, **Q)  # noqa: E731
     stacked, single = _both(monkeypatch, fn)
@@ -200,16 +209,6 @@ def test_stacked_reruns_bit_identical():
     b = hessfree.self_influence(run, copy.deepcopy(data), batch_size=16, progress=False)
     assert a.meta["checkpoints_per_pass"] > 1
     assert (a.values == b.values).all()
-
-
-def _hand_run(model, change):
-    """A Run of 4 hand-made checkpoints: ``change(state, k)`` edits checkpoint k's tensors."""
-    states = []
-    for k in range(4):
-        st = {n: v.clone() for n, v in model.state_dict().items()}
-        change(st, k)
-        states.append(st)
-    return hessfree.Run.from_checkpoints(model, states, [0.1, 0.2, 0.3, 0.4], loss="cross_entropy")
 
 
 class MeanScaled(nn.Module):
@@ -351,15 +350,10 @@ def _sometimes_sequence_first(n_checkpoints=4):
     ids = torch.randint(0, 10, (48, 6), generator=g)
     ids[40, 2] = 10  # not among the 16 check samples (positions 0, 3, 6, …, 38, 41, 44, 47)
     data = TensorDataset(ids, torch.randint(0, 3, (48,), generator=g))
-    states = []
-    model = SequenceFirstSometimes()
-    for k in range(n_checkpoints):
-        st = {n: v.clone() for n, v in model.state_dict().items()}
+    def change(st, k):
         for n in st:
             st[n] += 0.2 * k * torch.randn(st[n].shape, generator=g)
-        states.append(st)
-    run = hessfree.Run.from_checkpoints(model, states, [0.1] * n_checkpoints, loss="cross_entropy")
-    return run, data
+    return _hand_run(SequenceFirstSometimes(), change, [0.1] * n_checkpoints), data
 
 
 def test_a_stacked_group_that_fails_part_way(monkeypatch, caplog):
@@ -398,14 +392,10 @@ class DetachedScale(nn.Module):
 def test_every_group_is_checked(monkeypatch):
     """The first group's checkpoints barely differ (its check passes in float32); later groups
     differ a lot and must be checked again, not trusted because the same layers passed before."""
-    model = DetachedScale()
-    states = []
-    for k in range(8):
-        st = {n: v.clone() for n, v in model.state_dict().items()}
+    def change(st, k):
         st["fc1.weight"] += 1e-7 * k if k < 4 else 0.5 * (k - 3)
         st["fc2.weight"] += 0.1 * k
-        states.append(st)
-    run = hessfree.Run.from_checkpoints(model, states, [0.1] * 8, loss="cross_entropy")
+    run = _hand_run(DetachedScale(), change, [0.1] * 8)
     data = tabular(40)
     monkeypatch.setattr(common, "_STACK_SAMPLES", 4 * 10)  # groups of 4
     s = hessfree.self_influence(run, data, batch_size=10, progress=False)
