@@ -197,3 +197,11 @@ class HeadNorms:
             v = gradient_norm(row_norm(self.head.residual(z, y), self.ord), hn, self.ord, self.head.bias is not None)
         self.done.append((v, ids))
         self._z, self._y, self._hn, self._ids, self._rows = [], [], [], [], 0
+
+    def drain(self, flush: bool = False) -> list[tuple[Tensor, Any]]:
+        """The (norms, ids) finished so far, in order, and forget them; ``flush``: the pending
+        batches too."""
+        if flush:
+            self.flush()
+        out, self.done = self.done, []
+        return out

@@ -169,14 +169,11 @@ class _Collector:
                         self.head.__exit__()  # its hook would keep every later batch's tensors
                         self.head = None
                         if norms is not None:  # batches already seen: their norms are kept, in order
-                            norms.flush()
-                            parts.extend(self._checked(v, i) for v, i in norms.done)
+                            parts.extend(self._checked(v, i) for v, i in norms.drain(flush=True))
                             norms = None
                     elif norms is not None:  # L1 / L2: the residuals are formed many batches at a time
                         norms.add(hz[0], hz[1], targets, ids[pos])
-                        if norms.done:
-                            parts.extend(self._checked(v, i) for v, i in norms.done)
-                            norms.done.clear()
+                        parts.extend(self._checked(v, i) for v, i in norms.drain())
                         sc.bar.update(1)
                         continue
                     else:
@@ -194,8 +191,7 @@ class _Collector:
                 parts.append(self._checked(v, ids[pos]))
                 sc.bar.update(1)
         if norms is not None:
-            norms.flush()
-            parts.extend(self._checked(v, i) for v, i in norms.done)
+            parts.extend(self._checked(v, i) for v, i in norms.drain(flush=True))
         return torch.cat(parts)
 
     @staticmethod
