@@ -175,7 +175,6 @@ def test_loo_replay_is_a_rerun_without_the_sample(setup):
         with torch.no_grad():
             for p, g in zip(params, grads):
                 p -= float(log.learning_rates[t]) * g
-    final = run.model.__class__  # noqa: F841  (the recorded model holds θ[T])
     with torch.no_grad():
         fv = nn.functional.binary_cross_entropy_with_logits(model(val.tensors[0]).reshape(-1), val.tensors[1])
         f0 = nn.functional.binary_cross_entropy_with_logits(run.model(val.tensors[0]).reshape(-1), val.tensors[1])
