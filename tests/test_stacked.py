@@ -404,3 +404,85 @@ def test_every_group_is_checked(monkeypatch):
     _close(s, ref, 1e-6)
     s64 = hessfree.self_influence(run, data, batch_size=10, **Q)  # float64: even the 1e-7 mixing is refused
     assert s64.meta["checkpoints_per_pass"] == 1
+
+
+# --- models that are row-wise by construction skip the checks (stacked.rowwise_by_construction)
+def _not_called(*_a, **_k):
+    raise AssertionError("the stacking check ran for a model that is row-wise by construction")
+
+
+def test_a_rowwise_sequential_skips_both_checks_and_stays_exact(monkeypatch):
+    data = tabular(40)
+    run = trained_run(mlp(0), data)
+    names = [n for n, _ in run.model.named_parameters()]
+    ref = sum(lr * g.pow(2).sum(1) for lr, g in zip(run.learning_rates, brute_grads(run, data, names)))
+    monkeypatch.setattr(common.Scorer, "_check_batch", _not_called)
+    monkeypatch.setattr("hessfree.grads.engine._sums_to", _not_called)
+    s = hessfree.self_influence(run, data, batch_size=16, **Q)
+    assert s.meta["checkpoints_per_pass"] == len(run.checkpoints)
+    assert rel_err(s.values, ref) <= 1e-9
+
+
+def _seq():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Sequential(nn.Linear(6, 5), nn.GELU()), nn.Dropout(0.3), nn.Linear(5, 3))
+
+
+class _Sub(nn.Sequential):
+    pass
+
+
+@pytest.mark.parametrize("change", ["none", "subclass", "flatten0", "hook", "pre_hook", "instance_forward",
+                                    "tied", "layernorm", "conv", "custom_module", "global_hook", "train_dropout"])
+def test_rowwise_by_construction(change):
+    from hessfree.grads.stacked import rowwise_by_construction
+
+    m = _seq()
+    handle = None
+    if change == "subclass":
+        m = _Sub(*m)
+    elif change == "flatten0":
+        m[0] = nn.Flatten(0)
+    elif change == "hook":
+        m[3].register_forward_hook(lambda mod, i, o: o)
+    elif change == "pre_hook":
+        m[1].register_forward_pre_hook(lambda mod, i: i)
+    elif change == "instance_forward":
+        m[1][1].forward = lambda x: x
+    elif change == "tied":
+        m.append(nn.Linear(3, 3))
+        m[4].weight = m[4].weight  # registering one Parameter twice
+        m[4].bias = m[3].bias
+    elif change == "layernorm":
+        m.insert(2, nn.LayerNorm(5))
+    elif change == "conv":
+        m.insert(0, nn.Conv2d(1, 1, 1))
+    elif change == "custom_module":
+        m[1] = TokenModel()
+    elif change == "global_hook":
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda mod, i, o: o)
+    elif change == "train_dropout":
+        m.train()
+    if change != "train_dropout":
+        m.eval()
+    try:
+        assert rowwise_by_construction(m) is (change == "none")
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def test_a_custom_task_or_model_keeps_the_checks(monkeypatch):
+    from hessfree.grads.engine import GradientEngine
+    from hessfree.tasks import CrossEntropy
+
+    class MyCE(CrossEntropy):
+        pass
+
+    names = [n for n, _ in mlp(0).named_parameters()]
+    for model, task, expect in ((mlp(0), CrossEntropy(), True), (mlp(0), MyCE(), False),
+                                (TokenModel(), CrossEntropy(), False)):
+        names = [n for n, _ in model.named_parameters()]
+        with GradientEngine(model, task, names) as eng:
+            assert eng.exact_by_construction is expect
+            assert eng.can_stack is expect  # before any batch: proven, or waiting for the first-batch check

@@ -7,7 +7,8 @@ gradient, since per-sample losses are independent in eval mode). Parameters of a
 (and parameters shared between modules, or layers whose weights are used outside their own
 forward) go through the ``torch.func`` ``vmap(grad)`` fallback. On the first batch the engine
 checks that the per-sample gradients of every hooked layer sum to the batch gradient from plain
-autograd, and moves a layer that fails the check to the fallback.
+autograd, and moves a layer that fails the check to the fallback (a model that is row-wise by
+construction, :func:`hessfree.grads.stacked.rowwise_by_construction`, cannot fail it and skips it).
 """
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ from torch.func import functional_call, grad, vmap
 from hessfree.datasets import batch_len, to_device
 from hessfree.errors import NonFiniteError
 from hessfree.grads.blocks import BatchGrads, Block, DenseBlock, EmbeddingBlock, LinearBlock
-from hessfree.grads.stacked import NotStackable, owners, repeat_batch, stackable_kind, stacked_forward
-from hessfree.tasks import Task
+from hessfree.grads.stacked import (NotStackable, owners, repeat_batch, rowwise_by_construction, stackable_kind,
+                                    stacked_forward)
+from hessfree.tasks import BCEWithLogits, CrossEntropy, Task
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,7 @@ class GradientEngine:
         self._captures: dict[str, list[tuple[Tensor, Tensor, int]]] = defaultdict(list)
         self._clone_outputs = False
         self._checked = False
+        self.exact_by_construction = False  # set on __enter__ (see rowwise_by_construction)
         self._was_training = model.training
         self._state: dict[str, Tensor] = {}
         self._owners = owners(model)
@@ -137,6 +140,12 @@ class GradientEngine:
     def __enter__(self) -> "GradientEngine":
         self._was_training = self.model.training
         self.model.eval()
+        # A row-wise Sequential under a built-in loss needs neither the first-batch sum check nor
+        # the stacking check (decided before this engine adds hooks of its own).
+        self.exact_by_construction = (type(self.task) in (CrossEntropy, BCEWithLogits)
+                                      and rowwise_by_construction(self.model))
+        if self.exact_by_construction:
+            self._checked = True
         # The checkpoint's tensors are swapped into the model's parameter/buffer slots once per
         # checkpoint (not per batch, as functional_call would) and the originals put back on exit.
         self._originals = [(slot, attr, slot[attr]) for slots in self._slots.values() for slot, attr in slots]
