@@ -238,7 +238,10 @@ def two_states():
     return [run.checkpoint_state(k) for k in range(2)]
 
 
-def test_from_checkpoints_formats_give_identical_scores(tmp_path, two_states):
+@pytest.mark.parametrize("read_whole", [True, False])  # small safetensors files read in one go, large ones mmapped
+def test_from_checkpoints_formats_give_identical_scores(tmp_path, two_states, monkeypatch, read_whole):
+    if not read_whole:
+        monkeypatch.setattr("hessfree.run._READ_WHOLE_BYTES", 0)
     train, test = tabular(n=12, seed=0), tabular(n=5, seed=1)
     sources = {"state_dict": list(two_states), "safetensors": [], "pt": [], "pt_wrapped": []}
     for k, sd in enumerate(two_states):

