@@ -402,3 +402,22 @@ def test_closed_form_norms_name_the_nonfinite_sample(monkeypatch):
     with pytest.raises(NonFiniteError, match=r"sample id\(s\) \[29\]"):
         hessfree.outlier_scores(run, TensorDataset(X, y), detector="l1", gradient_path="closed_form",
                                 batch_size=4, **Q)
+
+
+def test_residual_norm_stays_accurate_for_confident_samples():
+    """||p - e_y|| from the off-label mass: no cancellation in 1 - p_y when p_y is near 1
+    (forming p_y - 1 in float32 would give 0 for it, and half the L1 norm)."""
+    from hessfree.grads.closed_form import residual_norm
+    from hessfree.tasks import CrossEntropy
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(200, 7, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 7, (200,), generator=g)
+    z[torch.arange(200), y] += torch.linspace(0, 40, 200, dtype=torch.float64)  # p_y from ~1/7 to 1 - 1e-17
+    r = torch.softmax(z, 1)
+    r[torch.arange(200), y] = -(r.scatter(1, y[:, None], 0.0).sum(1))  # p_y - 1 = -(mass off the label), exact
+    for ord, ref in (("l1", r.abs().sum(1)), ("l2", r.norm(dim=1))):
+        got = residual_norm(z.float(), y, CrossEntropy(), ord).double()
+        assert float(((got - ref).abs() / ref).max()) <= 1e-5, ord
+        got64 = residual_norm(z, y, CrossEntropy(), ord)
+        assert float(((got64 - ref).abs() / ref).max()) <= 1e-12, ord
