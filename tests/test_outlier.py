@@ -421,3 +421,47 @@ def test_residual_norm_stays_accurate_for_confident_samples():
         assert float(((got - ref).abs() / ref).max()) <= 1e-5, ord
         got64 = residual_norm(z, y, CrossEntropy(), ord)
         assert float(((got64 - ref).abs() / ref).max()) <= 1e-12, ord
+
+
+@pytest.mark.parametrize("kind,bias", HEADS)
+@pytest.mark.parametrize("det", ["l1", "l2", "features"])
+def test_closed_form_through_a_sequential_body_and_through_the_hook(monkeypatch, kind, bias, det):
+    """A plain nn.Sequential ending in the head runs its body and the head's linear map directly;
+    any other model has the head's call recorded by a hook. Both give the autograd values."""
+    from hessfree.grads import closed_form
+
+    run, data = head_case(kind, bias)
+    names = select_parameters(run.model, "last_layer")
+    G = brute_grads(run, data, names)[-1]
+    ref = {"l1": G.abs().sum(1), "l2": G.norm(dim=1), "features": G}[det]
+    seen = []
+    body = closed_form.sequential_body
+    for direct in (True, False):
+        monkeypatch.setattr(closed_form, "sequential_body", lambda m, h: seen.append(b := body(m, h)) or (
+            b if direct else None))
+        if det == "features":
+            from hessfree.methods import outlier
+            captured = {}
+            monkeypatch.setattr(outlier, "_detect", lambda name, d, values, *a: captured.setdefault("v", values)[:, 0])
+            hessfree.outlier_scores(run, data, detector="iforest", params="last_layer", gradient_path="closed_form",
+                                    dtype=torch.float64, batch_size=10, **Q)
+            got = captured["v"]
+        else:
+            got = hessfree.outlier_scores(run, data, detector=det, params="last_layer", gradient_path="closed_form",
+                                          dtype=torch.float64, batch_size=10, **Q).values
+        assert max_rel(got, ref) <= 1e-10, direct
+    assert seen[0] is not None and len(seen[0]) == len(run.model) - 1
+
+
+def test_a_hooked_head_is_not_taken_in_closed_form():
+    """A forward hook that rescales the head's output changes the gradient: the closed form must
+    not apply (auto falls back to the engine, which differentiates the hooked model)."""
+    run, data = head_case("ce", True)
+    run.model[2].register_forward_hook(lambda m, i, o: 2.0 * o)
+    names = select_parameters(run.model, "last_layer_weight")
+    G = brute_grads(run, data, names)[-1]
+    s = hessfree.outlier_scores(run, data, detector="l2", dtype=torch.float64, batch_size=10, **Q)
+    assert s.meta["gradient_path"] != "closed_form"
+    assert max_rel(s.values, G.norm(dim=1)) <= 1e-9
+    with pytest.raises(InputError, match="closed_form"):
+        hessfree.outlier_scores(run, data, detector="l2", gradient_path="closed_form", batch_size=10, **Q)

@@ -98,16 +98,16 @@ def outlier_scores(run_or_model: Run | nn.Module, train_dataset: Dataset, *, det
         _sklearn_detector(name, detector_options or {}, int(random_state), n_fit, novelty=reference is not None)
     want = name if name in ("l1", "l2") and projection is None else "features"
 
-    with Scorer(run, train_dataset, params=params, checkpoints="last", batch_size=batch_size, dtype=dtype,
-                device=device, progress=progress, method="outlier_gradient",
-                ghost=gradient_path != "vmap") as sc:
-        head = None
-        if gradient_path in ("auto", "closed_form"):
-            found = head_module(run.model, sc.names, run.task)
-            if found is None and gradient_path == "closed_form":
-                raise InputError(_NO_CLOSED_FORM)
-            if found is not None:
-                head = HeadCapture(found[1], found[0], sc.names, run.task)
+    scorer = Scorer(run, train_dataset, params=params, checkpoints="last", batch_size=batch_size, dtype=dtype,
+                    device=device, progress=progress, method="outlier_gradient", ghost=gradient_path != "vmap")
+    head = None
+    if gradient_path in ("auto", "closed_form"):  # decided before the engine adds hooks of its own
+        found = head_module(run.model, scorer.names, run.task)
+        if found is None and gradient_path == "closed_form":
+            raise InputError(_NO_CLOSED_FORM)
+        if found is not None:
+            head = HeadCapture(found[1], found[0], scorer.names, run.task, model=run.model)
+    with scorer as sc:
         n_features = sum(sc.engine.model.get_parameter(nm).numel() for nm in sc.names)
         proj = (SparseProjection(n_features, int(projection), seed=int(random_state), device=sc.engine.device,
                                  dtype=dtype) if projection is not None else None)
