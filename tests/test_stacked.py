@@ -433,8 +433,9 @@ class _Sub(nn.Sequential):
 
 
 @pytest.mark.parametrize("change", ["none", "subclass", "flatten0", "hook", "pre_hook", "instance_forward",
-                                    "tied", "layernorm", "conv", "custom_module", "global_hook", "train_dropout"])
-def test_rowwise_by_construction(change):
+                                    "tied", "layernorm", "conv", "custom_module", "global_hook", "train_dropout",
+                                    "instance_call_impl", "class_forward", "compiled"])
+def test_rowwise_by_construction(change, monkeypatch):
     from hessfree.grads.stacked import rowwise_by_construction
 
     m = _seq()
@@ -463,6 +464,12 @@ def test_rowwise_by_construction(change):
         handle = torch.nn.modules.module.register_module_forward_hook(lambda mod, i, o: o)
     elif change == "train_dropout":
         m.train()
+    elif change == "instance_call_impl":  # would bypass the engine's hooks on that layer
+        m[3]._call_impl = lambda x, _m=m[3]: F.linear(x, _m.weight, _m.bias)
+    elif change == "class_forward":  # a patched class forward may mix rows
+        monkeypatch.setattr(nn.GELU, "forward", lambda self, x: torch.tanh(x - x.mean(0, keepdim=True)))
+    elif change == "compiled":
+        m[3]._compiled_call_impl = m[3]._call_impl
     if change != "train_dropout":
         m.eval()
     try:

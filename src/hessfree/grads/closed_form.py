@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hessfree.grads.stacked import plain_calls, plain_module
 from hessfree.tasks import BCEWithLogits, CrossEntropy, Task
 
 
@@ -107,7 +108,7 @@ def head_module(model: nn.Module, names: list[str], task: Task) -> tuple[str, nn
         return None
     mod_name = owners.pop()
     mod = model.get_submodule(mod_name) if mod_name else model
-    if type(mod) is not nn.Linear or _hooked(mod):  # a hook or patched forward may change z = W h + b
+    if type(mod) is not nn.Linear or not plain_module(mod):  # a hook or patched forward may change z = W h + b
         return None
     shared = [p for m in model.modules() if m is not mod for p in m.parameters(recurse=False)
               if any(p is q for q in mod.parameters())]
@@ -116,23 +117,16 @@ def head_module(model: nn.Module, names: list[str], task: Task) -> tuple[str, nn
     return mod_name, mod
 
 
-def _hooked(m: nn.Module) -> bool:
-    return bool("forward" in vars(m) or m._forward_hooks or m._forward_pre_hooks)
-
-
 def sequential_body(model: nn.Module, head: nn.Module) -> list[nn.Module] | None:
     """The modules before ``head`` when ``model`` is a plain nn.Sequential ending in it, so that
     ``model(x)`` is ``head(body(x))`` by construction; else None.
 
-    Plain: the exact nn.Sequential type, and neither it nor the head carries hooks or an
-    instance ``forward`` (no global forward hooks either). The body's own modules run as modules,
-    hooks included."""
-    from torch.nn.modules import module as _module
-
+    Plain (:func:`hessfree.grads.stacked.plain_module`): the Sequential and the head run
+    PyTorch's own forward, with no hooks, patches or compiled calls. The body's own modules run
+    as modules, hooks included."""
     if type(model) is not nn.Sequential or len(model) == 0 or model[-1] is not head:
         return None
-    if _hooked(model) or _hooked(head) or any(getattr(_module, name, None) for name in (
-            "_global_forward_hooks", "_global_forward_pre_hooks")):
+    if not (plain_calls() and plain_module(model) and plain_module(head)):
         return None
     return list(model)[:-1]
 

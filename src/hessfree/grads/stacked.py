@@ -50,6 +50,33 @@ def stackable_kind(module: nn.Module) -> str | None:
 _ELEMENTWISE = (nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
                 nn.Mish, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
                 nn.Tanhshrink)
+_WHITELIST = (nn.Sequential, nn.Linear, nn.Embedding, nn.Flatten, nn.Dropout, *_ELEMENTWISE)
+# Each type's own forward and call path as PyTorch ships them: a class-level patch is not trusted.
+_STOCK = {t: t.forward for t in _WHITELIST}
+_STOCK_CALL = (nn.Module._call_impl, nn.Module._wrapped_call_impl)
+
+
+def plain_calls() -> bool:
+    """No global module hooks, and nn.Module's call path is PyTorch's own."""
+    from torch.nn.modules import module as _module
+
+    if any(getattr(_module, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                      "_global_backward_hooks", "_global_backward_pre_hooks")):
+        return False
+    return (nn.Module._call_impl, nn.Module._wrapped_call_impl) == _STOCK_CALL
+
+
+def plain_module(m: nn.Module) -> bool:
+    """``m`` is of a type in the whitelist whose class ``forward`` is PyTorch's own, and carries no
+    hooks, no instance ``forward`` / ``_call_impl`` and no compiled call: calling it runs exactly
+    that stock forward."""
+    own = vars(m)
+    if ("forward" in own or "_call_impl" in own or "_wrapped_call_impl" in own
+            or getattr(m, "_compiled_call_impl", None) is not None
+            or m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or getattr(m, "_backward_pre_hooks", None)):
+        return False
+    t = type(m)
+    return t in _STOCK and t.forward is _STOCK[t]
 
 
 def rowwise_by_construction(model: nn.Module) -> bool:
@@ -57,7 +84,8 @@ def rowwise_by_construction(model: nn.Module) -> bool:
 
     True for an nn.Sequential (nested ones too) of nn.Linear, nn.Embedding (no ``max_norm``),
     ``nn.Flatten(start_dim >= 1)``, eval-mode nn.Dropout and element-wise activations, with no
-    tensor registered twice, no hooks and no instance ``forward`` anywhere. The stock
+    tensor registered twice, no hooks, no instance ``forward`` / ``_call_impl``, no compiled call and
+    no patched class ``forward`` anywhere. The stock
     Sequential forward applies its children in order; every child maps row i to row i using its
     own tensors only. So the factorised per-sample gradients of its layers are exact and K
     checkpoints stacked along the rows reproduce each checkpoint alone, up to rounding: the
@@ -65,17 +93,11 @@ def rowwise_by_construction(model: nn.Module) -> bool:
     nn.PReLU holds a weight, but read only by its own element-wise forward.
     Anything else (a custom Module, Conv2d, BatchNorm, LayerNorm, attention) keeps the checks.
     """
-    if type(model) is not nn.Sequential:
-        return False
-    from torch.nn.modules import module as _module
-
-    if any(getattr(_module, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
-                                                      "_global_backward_hooks", "_global_backward_pre_hooks")):
+    if type(model) is not nn.Sequential or not plain_calls():
         return False
     seen: set[int] = set()
     for m in model.modules():
-        if "forward" in vars(m) or m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or getattr(
-                m, "_backward_pre_hooks", None):
+        if not plain_module(m):
             return False
         t = type(m)
         ok = (t in (nn.Sequential, nn.Linear) or t in _ELEMENTWISE
