@@ -217,7 +217,7 @@ class HeadNorms:
     tensor operations per batch, which is most of the cost when the head is small.
     """
 
-    _FLUSH_ELEMENTS = 1 << 20  # 4 MB of float32 logits
+    _FLUSH_ELEMENTS = 1 << 19  # 2 MB of float32 logits: larger temporaries were page-faulted afresh each call
 
     def __init__(self, head: HeadCapture, ord: str):
         if ord not in ("l1", "l2"):
