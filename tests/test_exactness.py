@@ -149,3 +149,29 @@ def test_unsafe_layers_fall_back_and_stay_exact(which):
     s = hessfree.self_influence(run, data, dtype=torch.float64, progress=False)
     assert rel_err(s.values, ref) <= 1e-9
     assert s.meta["fallback_params"]  # the unsafe layer went through vmap(grad)
+
+
+@pytest.mark.parametrize("loss,shape", [("cross_entropy", (9, 4)), ("bce", (9,)), ("bce", (9, 1))])
+def test_closed_form_output_gradient_of_the_builtin_losses(loss, shape):
+    """Task.loss_and_output_grad (what the engine backpropagates from, past its first batch)
+    equals autograd through per_sample_loss, float64; a subclass that changes the loss does not
+    inherit it."""
+    from hessfree.tasks import resolve_task
+
+    task = resolve_task(loss)
+    g = torch.Generator().manual_seed(0)
+    z = (torch.randn(*shape, generator=g, dtype=torch.float64) * 5).requires_grad_(True)
+    y = torch.randint(0, shape[1], (9,), generator=g) if loss == "cross_entropy" else torch.rand(9, generator=g)
+    ref = task.per_sample_loss(z, y)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), z)
+    losses, grad = task.loss_and_output_grad(z, y)
+    assert grad.shape == z.shape and not grad.requires_grad and not losses.requires_grad
+    ref = ref.detach()
+    assert float((losses - ref).abs().max()) <= 1e-12 * float(ref.abs().max())
+    assert float((grad - ref_grad).abs().max()) <= 1e-12
+
+    class Scaled(type(task)):
+        def per_sample_loss(self, outputs, targets):
+            return 2 * super().per_sample_loss(outputs, targets)
+
+    assert Scaled().loss_and_output_grad(z, y) is None

@@ -46,6 +46,11 @@ class Task:
     def validate(self, outputs: Tensor, targets: Any, sample_ids: Any = None) -> None:
         """Raise :class:`LabelError` if the targets cannot be used with this loss."""
 
+    def loss_and_output_grad(self, outputs: Tensor, targets: Any) -> tuple[Tensor, Tensor] | None:
+        """(per-sample losses, ∂Σᵢ lᵢ / ∂outputs), both detached, in closed form; or None (the
+        default): the engine differentiates :meth:`per_sample_loss` with autograd."""
+        return None
+
     def to_dict(self) -> dict:
         return {"name": self.name}
 
@@ -57,6 +62,20 @@ class CrossEntropy(Task):
 
     def per_sample_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return F.cross_entropy(outputs, targets, reduction="none")
+
+    def loss_and_output_grad(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor] | None:
+        """l = logsumexp(z) − z_y and ∂l/∂z = softmax(z) − e_y, from one exp of the logits (on
+        CPU, log_softmax over a few classes and its backward cost several times more)."""
+        if type(self).per_sample_loss is not CrossEntropy.per_sample_loss or outputs.ndim != 2:
+            return None
+        with torch.no_grad():
+            z = outputs.detach()
+            m = z.amax(1, keepdim=True)
+            e = (z - m).exp_()
+            s = e.sum(1, keepdim=True)
+            y = targets.reshape(-1, 1)
+            losses = (s.log() + m - z.gather(1, y)).reshape(-1)
+            return losses, e.div_(s).scatter_add_(1, y, torch.full_like(m, -1.0))
 
     def validate(self, outputs: Tensor, targets: Any, sample_ids: Any = None) -> None:
         if not isinstance(targets, Tensor):
@@ -87,6 +106,16 @@ class BCEWithLogits(Task):
     def per_sample_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         logits = outputs.reshape(outputs.shape[0])
         return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype).reshape(-1), reduction="none")
+
+    def loss_and_output_grad(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor] | None:
+        """l = BCE-with-logits and ∂l/∂z = σ(z) − y."""
+        if type(self).per_sample_loss is not BCEWithLogits.per_sample_loss:
+            return None
+        with torch.no_grad():
+            z = outputs.detach()
+            y = targets.to(z.dtype).reshape(z.shape)
+            losses = F.binary_cross_entropy_with_logits(z, y, reduction="none").reshape(-1)
+            return losses, torch.sigmoid(z).sub_(y)
 
     def validate(self, outputs: Tensor, targets: Any, sample_ids: Any = None) -> None:
         if not isinstance(targets, Tensor) or not targets.dtype.is_floating_point:

@@ -306,19 +306,27 @@ class GradientEngine:
             return self.batch_grads(batch, ids, validate, check_loss)
         if validate:  # the labels are the same at every checkpoint: check them once
             self.task.validate(outputs if self._stack == 1 else outputs[:b], own_targets, ids)
-        losses = self.task.per_sample_loss(outputs, targets)
+        check = bool(self.rules) and not self._checked and self._stack == 1
+        # Past the first-batch check, a built-in loss gives its output gradient in closed form and
+        # the backward starts at the model output (no loss graph).
+        closed = None if check or not self.rules else self.task.loss_and_output_grad(outputs, targets)
+        losses = self.task.per_sample_loss(outputs, targets) if closed is None else closed[0]
         if losses.shape != (B,):
             raise ValueError(f"Task.per_sample_loss must return shape ({B},), got {tuple(losses.shape)}")
         if check_loss:  # a sample's stacked losses summed (float64): non-finite at any checkpoint stays so
             _check_finite(losses.detach().view(self._stack, b).double().sum(0), ids, "loss")
         blocks: list[Block] = []
         if self.rules:
-            check = not self._checked and self._stack == 1
-            total = losses.sum()
+            total = losses.sum() if closed is None else None
             full = self.dense_grad(total, retain_graph=True) if check else None
             order = [(m, i) for m in self.rules for i in range(len(self._captures.get(m, [])))]
             outs = [self._captures[m][i][1] for m, i in order]
-            gouts = torch.autograd.grad(total, outs, allow_unused=True) if outs else []
+            if not outs:
+                gouts = []
+            elif closed is None:
+                gouts = torch.autograd.grad(total, outs, allow_unused=True)
+            else:
+                gouts = torch.autograd.grad(outputs, outs, grad_outputs=closed[1], allow_unused=True)
             per_module: dict[str, list[tuple[Tensor, Tensor]]] = defaultdict(list)
             for (m, i), go in zip(order, gouts):
                 x, out, _ = self._captures[m][i]
