@@ -31,6 +31,15 @@ def _row_chunk(rows: int, per_row: int) -> int:
     return max(1, _MAX_TEMP // max(1, per_row))
 
 
+def _sq_rows(x: Tensor) -> Tensor:
+    """(B,) squared L2 norm of each row of (B, d): one fused reduction (vecdot(x, x) forms x*x
+    first, 1.3–3× slower on CPU for d ≥ 64). Half precision keeps vecdot: rounding the norm
+    before squaring it would cost a further ~1e-3."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return torch.linalg.vecdot(x, x)
+    return torch.linalg.vector_norm(x, dim=1).square_()
+
+
 @dataclass
 class LinearBlock:
     a: Tensor | None  # (B, T, d_in) layer inputs; None when only the bias is selected
@@ -67,11 +76,11 @@ class LinearBlock:
         T, d_out = g.shape[1], g.shape[2]
         if T == 1:  # (|a|² + [bias]) |g|², in three ops
             g2 = g.view(g.shape[0], d_out)
-            gg = torch.linalg.vecdot(g2, g2)
+            gg = _sq_rows(g2)
             if self.a is None:
                 return gg
             a2 = self.a.view(self.a.shape[0], self.a.shape[2])
-            aa = torch.linalg.vecdot(a2, a2)
+            aa = _sq_rows(a2)
             return torch.addcmul(gg, aa, gg) if self.bias is not None else aa * gg
         if T * T * (self.d_in + d_out) <= self.d_in * d_out:
             aa = self._input_products(self, "btd,bsd->bts")
