@@ -137,8 +137,8 @@ class HeadCapture:
     (checked every batch).
 
     For a plain nn.Sequential ending in the head (:func:`sequential_body`, pass ``model``), the
-    body runs and the head's linear map is applied directly (no hook, ~2× cheaper per batch for a
-    small head); otherwise a forward hook on the head records its call."""
+    body runs and the head's linear map is applied directly (no hook call per batch); otherwise a
+    forward hook on the head records its call."""
 
     def __init__(self, module: nn.Linear, mod_name: str, names: list[str], task: Task,
                  model: nn.Module | None = None):
