@@ -325,8 +325,9 @@ class GradientEngine:
                 gouts = []
             elif closed is None:
                 gouts = torch.autograd.grad(total, outs, allow_unused=True)
-            else:
-                gouts = torch.autograd.grad(outputs, outs, grad_outputs=closed[1], allow_unused=True)
+            else:  # Σ outputs·∂l/∂outputs has the same gradient; passing grad_outputs= instead would
+                # import torch.fx (and sympy, ~0.25 s) on the first call and check shapes in Python every call
+                gouts = torch.autograd.grad((outputs * closed[1]).sum(), outs, allow_unused=True)
             per_module: dict[str, list[tuple[Tensor, Tensor]]] = defaultdict(list)
             for (m, i), go in zip(order, gouts):
                 x, out, _ = self._captures[m][i]
