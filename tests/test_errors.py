@@ -231,6 +231,9 @@ LABEL_CASES = {
     # name: (loss, n_outputs, dataset builder, message pattern)
     "float_for_ce": ("cross_entropy", 3, lambda: _ce(torch.zeros(20)), r"torch\.long.*y\.long\(\)"),
     "bool_for_ce": ("cross_entropy", 3, lambda: _ce(torch.zeros(20, dtype=torch.bool)), r"y\.long\(\)"),
+    "int32_for_ce": ("cross_entropy", 3, lambda: _ce(torch.zeros(20, dtype=torch.int32)), r"got torch\.int32.*y\.long"),
+    "column_labels_for_ce": ("cross_entropy", 3, lambda: _ce(torch.zeros(20, 1, dtype=torch.long)),
+                             r"one class label per sample.*, 1\).*reshape"),
     "int_for_bce": ("bce", 1, lambda: TensorDataset(bce_data().tensors[0], bce_data().tensors[1].long()),
                     r"float 0/1 labels.*y\.float\(\)"),
     "bce_with_three_logits": ("bce", 3, lambda: bce_data(), r"one logit per sample.*cross_entropy"),

@@ -434,7 +434,7 @@ class _Sub(nn.Sequential):
 
 @pytest.mark.parametrize("change", ["none", "subclass", "flatten0", "hook", "pre_hook", "instance_forward",
                                     "tied", "layernorm", "conv", "custom_module", "global_hook", "train_dropout",
-                                    "instance_call_impl", "class_forward", "compiled"])
+                                    "instance_call_impl", "class_forward", "compiled", "tied_bias"])
 def test_rowwise_by_construction(change, monkeypatch):
     from hessfree.grads.stacked import rowwise_by_construction
 
@@ -450,9 +450,12 @@ def test_rowwise_by_construction(change, monkeypatch):
         m[1].register_forward_pre_hook(lambda mod, i: i)
     elif change == "instance_forward":
         m[1][1].forward = lambda x: x
-    elif change == "tied":
+    elif change == "tied":  # one Parameter registered in two layers
         m.append(nn.Linear(3, 3))
-        m[4].weight = m[4].weight  # registering one Parameter twice
+        m.append(nn.Linear(3, 3))
+        m[5].weight = m[4].weight
+    elif change == "tied_bias":
+        m.append(nn.Linear(3, 3))
         m[4].bias = m[3].bias
     elif change == "layernorm":
         m.insert(2, nn.LayerNorm(5))

@@ -67,8 +67,11 @@ class CrossEntropy(Task):
         """l = logsumexp(z) − z_y and ∂l/∂z = softmax(z) − e_y, from one exp of the logits, with
         no autograd graph for the loss (on CPU, log_softmax and its backward over 10 classes took
         about 1.3× as long)."""
-        if type(self).per_sample_loss is not CrossEntropy.per_sample_loss or outputs.ndim != 2:
-            return None
+        if (type(self).per_sample_loss is not CrossEntropy.per_sample_loss
+                or type(self).validate is not CrossEntropy.validate  # e.g. soft or ignored labels allowed
+                or outputs.ndim != 2 or not isinstance(targets, Tensor) or targets.dtype != torch.long
+                or targets.shape != outputs.shape[:1]):
+            return None  # autograd through F.cross_entropy, with its own handling and errors
         with torch.no_grad():
             z = outputs.detach()
             m = z.amax(1, keepdim=True)
@@ -81,13 +84,16 @@ class CrossEntropy(Task):
     def validate(self, outputs: Tensor, targets: Any, sample_ids: Any = None) -> None:
         if not isinstance(targets, Tensor):
             raise LabelError(f"cross_entropy needs integer label tensors, got {type(targets).__name__}")
-        if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
+        if targets.dtype not in (torch.long, torch.uint8):
             raise LabelError(
                 f"cross_entropy needs integer class labels (torch.long), got {targets.dtype}; "
                 "convert with y.long(), or use loss='bce' for float 0/1 labels with one logit"
             )
         if outputs.ndim != 2:
             raise LabelError(f"cross_entropy needs model outputs of shape (batch, classes), got {tuple(outputs.shape)}")
+        if targets.shape != outputs.shape[:1]:
+            raise LabelError(f"cross_entropy needs one class label per sample, shape ({outputs.shape[0]},), got "
+                             f"labels of shape {tuple(targets.shape)}; flatten them with y.reshape(-1)")
         n_classes = outputs.shape[1]
         bad = (targets < 0) | (targets >= n_classes)
         if bool(bad.any()):
@@ -110,7 +116,8 @@ class BCEWithLogits(Task):
 
     def loss_and_output_grad(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor] | None:
         """l = BCE-with-logits and ∂l/∂z = σ(z) − y."""
-        if type(self).per_sample_loss is not BCEWithLogits.per_sample_loss:
+        if (type(self).per_sample_loss is not BCEWithLogits.per_sample_loss or not isinstance(targets, Tensor)
+                or targets.numel() != outputs.shape[0] or outputs.numel() != outputs.shape[0]):
             return None
         with torch.no_grad():
             z = outputs.detach()

@@ -13,7 +13,8 @@ so one forward pass gives every sample's gradient as the pair ``(r, h)``, and
 need no backward pass and no outer product at all. :class:`HeadCapture` finds whether this
 applies (the selected parameters belong to one ``nn.Linear`` called once on (B, d) inputs, whose
 output *is* the model output, under the built-in ``cross_entropy`` / ``bce`` loss) and captures
-``h`` and ``z`` with a forward hook.
+``h`` and ``z``: directly for a plain nn.Sequential ending in the head, with a forward hook
+otherwise.
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def residual_norm(z: Tensor, targets: Tensor, task: Task, ord: str) -> Tensor:
             return (torch.sigmoid(z) - targets.to(z.dtype).reshape(-1, 1)).abs().reshape(-1)
         e = (z - z.amax(1, keepdim=True)).exp_()
         s = e.sum(1)
-        off = e.scatter_(1, targets.reshape(-1, 1), 0.0)
+        off = e.scatter_(1, targets.long().reshape(-1, 1), 0.0)
         o = off.sum(1)
         if ord == "l1":
             return o.div_(s).mul_(2)
@@ -110,6 +111,8 @@ def head_module(model: nn.Module, names: list[str], task: Task) -> tuple[str, nn
     mod = model.get_submodule(mod_name) if mod_name else model
     if type(mod) is not nn.Linear or not plain_module(mod):  # a hook or patched forward may change z = W h + b
         return None
+    if sum(m is mod for _, m in model.named_modules(remove_duplicate=False)) > 1:  # a head used twice
+        return None
     shared = [p for m in model.modules() if m is not mod for p in m.parameters(recurse=False)
               if any(p is q for q in mod.parameters())]
     if shared:  # tied weights: the gradient has other paths
@@ -134,7 +137,7 @@ def sequential_body(model: nn.Module, head: nn.Module) -> list[nn.Module] | None
 class HeadCapture:
     """Captures the head's input h and output z; :meth:`grads` turns one forward pass into
     :class:`HeadGrads`, or returns None when the head is not the last operation of the model
-    (checked every batch).
+    (with the hook: checked every batch; the direct path holds by construction).
 
     For a plain nn.Sequential ending in the head (:func:`sequential_body`, pass ``model``), the
     body runs and the head's linear map is applied directly (no hook call per batch); otherwise a
@@ -187,14 +190,16 @@ class HeadCapture:
         return calls[0]
 
     def residual(self, z: Tensor, targets: Tensor) -> Tensor:
-        """r = ∂l/∂z: softmax(z) − e_y, or σ(z) − y for BCE (a new tensor; z is not modified)."""
+        """r = ∂l/∂z: softmax(z) − e_y, or σ(z) − y for BCE (a new tensor; z is not modified).
+        The label's entry p_y − 1 is formed as −(mass off the label), which does not cancel when
+        p_y is close to 1."""
         with torch.no_grad():
             if isinstance(self.task, CrossEntropy):
                 # softmax by hand: torch.softmax over a few classes costs ~5× more on CPU
+                y = targets.long().reshape(-1, 1)
                 e = (z - z.amax(1, keepdim=True)).exp_()
                 r = e.div_(e.sum(1, keepdim=True))
-                r[torch.arange(len(r), device=r.device), targets] -= 1  # p − e_y
-                return r
+                return r.scatter_(1, y, -r.scatter(1, y, 0.0).sum(1, keepdim=True))
             return torch.sigmoid(z) - targets.to(z.dtype).reshape(-1, 1)
 
     def grads(self, forward, inputs: Any, targets: Tensor, validate=None) -> HeadGrads | None:

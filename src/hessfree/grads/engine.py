@@ -306,28 +306,24 @@ class GradientEngine:
             return self.batch_grads(batch, ids, validate, check_loss)
         if validate:  # the labels are the same at every checkpoint: check them once
             self.task.validate(outputs if self._stack == 1 else outputs[:b], own_targets, ids)
-        check = bool(self.rules) and not self._checked and self._stack == 1
-        # Past the first-batch check, a built-in loss gives its output gradient in closed form and
-        # the backward starts at the model output (no loss graph).
-        closed = None if check or not self.rules else self.task.loss_and_output_grad(outputs, targets)
+        # A built-in loss gives its per-sample losses and output gradient in closed form: the
+        # backward then starts at the model output (no loss graph).
+        closed = self.task.loss_and_output_grad(outputs, targets) if self.rules else None
         losses = self.task.per_sample_loss(outputs, targets) if closed is None else closed[0]
         if losses.shape != (B,):
-            raise ValueError(f"Task.per_sample_loss must return shape ({B},), got {tuple(losses.shape)}")
+            raise ValueError(f"the per-sample losses must have shape ({B},), got {tuple(losses.shape)}")
         if check_loss:  # a sample's stacked losses summed (float64): non-finite at any checkpoint stays so
             _check_finite(losses.detach().view(self._stack, b).double().sum(0), ids, "loss")
         blocks: list[Block] = []
         if self.rules:
-            total = losses.sum() if closed is None else None
+            check = not self._checked and self._stack == 1
+            # Σ outputs·∂l/∂outputs has the gradient of Σ l; passing grad_outputs= instead would import
+            # torch.fx (and sympy, ~0.25 s) on the first call and check shapes in Python on every call
+            total = losses.sum() if closed is None else (outputs * closed[1]).sum()
             full = self.dense_grad(total, retain_graph=True) if check else None
             order = [(m, i) for m in self.rules for i in range(len(self._captures.get(m, [])))]
             outs = [self._captures[m][i][1] for m, i in order]
-            if not outs:
-                gouts = []
-            elif closed is None:
-                gouts = torch.autograd.grad(total, outs, allow_unused=True)
-            else:  # Σ outputs·∂l/∂outputs has the same gradient; passing grad_outputs= instead would
-                # import torch.fx (and sympy, ~0.25 s) on the first call and check shapes in Python every call
-                gouts = torch.autograd.grad((outputs * closed[1]).sum(), outs, allow_unused=True)
+            gouts = torch.autograd.grad(total, outs, allow_unused=True) if outs else []
             per_module: dict[str, list[tuple[Tensor, Tensor]]] = defaultdict(list)
             for (m, i), go in zip(order, gouts):
                 x, out, _ = self._captures[m][i]
