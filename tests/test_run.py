@@ -399,3 +399,23 @@ def test_scoring_puts_the_model_back_after_an_error():
     assert model.training
     for n, p in model.named_parameters():
         assert p is before[n][0] and torch.equal(p, before[n][1])
+
+
+def test_unreadable_safetensors_checkpoints_name_the_file(tmp_path, two_states):
+    from hessfree.errors import CheckpointMismatchError
+
+    paths = []
+    for k, sd in enumerate(two_states):
+        paths.append(tmp_path / f"c{k}.safetensors")
+        save_file(sd, str(paths[-1]))
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointMismatchError, match="bad.safetensors"):
+        hessfree.Run.from_checkpoints(mlp(7), [paths[0], bad], [0.1, 0.1])
+    run = hessfree.Run.from_checkpoints(mlp(7), paths, [0.1, 0.1])
+    paths[1].write_bytes(paths[1].read_bytes()[:-40])  # truncated after the Run was made
+    with pytest.raises(CheckpointMismatchError, match=r"c1\.safetensors.*truncated"):
+        hessfree.self_influence(run, tabular(n=12, seed=0), **Q)
+    paths[1].unlink()
+    with pytest.raises(CheckpointMismatchError, match=r"c1\.safetensors"):
+        hessfree.self_influence(run, tabular(n=12, seed=0), **Q)

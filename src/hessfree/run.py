@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, load_file
 from torch import Tensor, nn
 from torch.utils.data import Dataset
@@ -62,9 +62,13 @@ _READ_WHOLE_BYTES = 1 << 24  # safetensors files up to this size are read in one
 
 def _load_file(path: Path) -> Mapping[str, Tensor]:
     if path.suffix == ".safetensors":
-        if path.stat().st_size <= _READ_WHOLE_BYTES:  # ~3× faster than load_file for small checkpoints
-            return load(path.read_bytes())
-        return load_file(str(path))
+        try:
+            if path.stat().st_size <= _READ_WHOLE_BYTES:  # ~3× faster than load_file for small checkpoints
+                return load(path.read_bytes())
+            return load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointMismatchError(f"cannot read the checkpoint {path}: {exc}; was it moved, truncated or "
+                                          "rewritten after the Run was made?") from exc
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -78,8 +82,11 @@ def _load_file(path: Path) -> Mapping[str, Tensor]:
 
 def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as fh:  # reads the header only
-            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+        try:
+            with safe_open(str(path), framework="pt") as fh:  # reads the header only
+                return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+        except SafetensorError as exc:
+            raise CheckpointMismatchError(f"{path} is not a readable safetensors file: {exc}") from exc
     return {k: tuple(v.shape) for k, v in _load_file(path).items()}
 
 
