@@ -173,29 +173,27 @@ class Scorer:
         checkpoints evaluated alone. Those two suffice for a weight read outside its layer: code
         that indexes the (K, …) stacked tensor as if it were one checkpoint's reads one and the
         same checkpoint's values for every row, which cannot be right for both the first and the
-        last checkpoint, and a reduction over it mixes all of them.
+        last checkpoint, and a reduction over it mixes all of them. A model that is row-wise by
+        construction (the engine's ``exact_by_construction``) is bound without the check.
         """
-        if self.engine.exact_by_construction:  # nothing the check could catch (rowwise_by_construction)
-            try:
-                self.engine.bind_stacked(states)
-            except NotStackable as e:
-                log.info("checkpoints one at a time: %s", e)
-                return False
-            return True
-        pos, batch = self._check_batch()
-        ids = self.ids[pos]
-        K = len(states)
+        checked = not self.engine.exact_by_construction  # else nothing the check could catch
         alone: dict[int, Tensor] = {}
-        if not self.engine.can_stack:  # the engine's one-time layer check runs on its first batch
-            self.engine.bind(states[0])
-            alone[0] = self.engine.batch_grads(batch, ids, validate=not self.labels_checked).sq_norms().double()
-            if not self.engine.can_stack:
-                return False
+        if checked:
+            pos, batch = self._check_batch()
+            ids = self.ids[pos]
+            if not self.engine.can_stack:  # the engine's one-time layer check runs on its first batch
+                self.engine.bind(states[0])
+                alone[0] = self.engine.batch_grads(batch, ids, validate=not self.labels_checked).sq_norms().double()
+                if not self.engine.can_stack:
+                    return False
         try:
             self.engine.bind_stacked(states)
         except NotStackable as e:
             log.info("checkpoints one at a time: %s", e)
             return False
+        if not checked:
+            return True
+        K = len(states)
         try:
             together = self.engine.batch_grads(batch, ids, validate=False).sq_norms().double().view(K, -1)
         except Exception as e:  # noqa: BLE001 — any failure means: score these one at a time
