@@ -64,7 +64,7 @@ class ValLoss(Query):
         was_training = model.training
         model.eval()  # one forward, changing nothing (no BatchNorm statistics, no dropout draw)
         try:
-            check_dataset_labels(task, lambda x: task.forward(model, x),
+            check_dataset_labels(task, lambda x: task.safe_forward(model, x),
                                  lambda b: task.split(to_device(b, device, dtype)), self.dataset,
                                  sample_ids(self.dataset))
         except LabelError as e:
@@ -80,7 +80,7 @@ class ValLoss(Query):
         total = 0.0
         for batch in self._batches:
             x, y = task.split(batch)
-            total = total + task.per_sample_loss(task.forward(model, x), y).sum()
+            total = total + task.per_sample_loss(task.safe_forward(model, x), y).sum()
         return total / self._n
 
     def describe(self) -> dict[str, Any]:
@@ -106,7 +106,7 @@ class Prediction(Query):
         self._x = to_device(self.inputs, device, dtype)
 
     def value(self, model: nn.Module, task: Task) -> Tensor:
-        out = task.forward(model, self._x)
+        out = task.safe_forward(model, self._x)
         out = out.reshape(out.shape[0], -1)
         if self.index >= out.shape[1]:
             raise InputError(f"Prediction index {self.index} is outside the model's {out.shape[1]} outputs")

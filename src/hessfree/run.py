@@ -395,7 +395,7 @@ def fit(model: nn.Module, train_dataset: Dataset, *, loss: str | Task = "cross_e
     was_training = model.training
     model.eval()  # no BatchNorm statistics updated by the label check
     try:
-        check_dataset_labels(task, lambda x: task.forward(model, x), task.split, train_dataset, ids)
+        check_dataset_labels(task, lambda x: task.safe_forward(model, x), task.split, train_dataset, ids)
     finally:
         model.train(was_training)
     gen = torch.Generator().manual_seed(seed)
@@ -477,7 +477,7 @@ def sgd_step(model: nn.Module, params: list[Tensor], task: Task, batch: Any, eta
     floating-point operations and reproduces the recorded trajectory bit for bit on CPU.
     """
     inputs, targets = task.split(batch)
-    outputs = task.forward(model, inputs)
+    outputs = task.safe_forward(model, inputs)
     losses = task.per_sample_loss(outputs, targets)
     if check is not None:
         check(outputs, targets, losses)

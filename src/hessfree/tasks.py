@@ -7,6 +7,8 @@ logit, float 0/1 labels). Subclass :class:`Task` for anything else.
 """
 from __future__ import annotations
 
+import logging
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -17,6 +19,80 @@ from torch.utils.data import Dataset, TensorDataset
 
 from hessfree.datasets import iter_batches
 from hessfree.errors import InputError, LabelError
+
+log = logging.getLogger(__name__)
+
+# Models seen writing into their input tensors (they get a copy on every call), and models
+# checked not to. Weak: an entry goes with its model.
+_WRITES_INPUTS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_READS_INPUTS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def _tensors_in(obj: Any) -> list[Tensor]:
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors_in(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors_in(v)]
+    return []
+
+
+def _versions(obj: Any) -> list[int | None]:
+    out = []
+    for t in _tensors_in(obj):
+        try:
+            out.append(t._version)
+        except RuntimeError:  # inference tensors keep no version counter
+            out.append(None)
+    return out
+
+
+def _clone(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_clone(v) for v in obj)
+    return obj
+
+
+def protected_inputs(model: nn.Module, inputs: Any) -> Any:
+    """``inputs``, or a copy of them unless ``model`` is known not to write into its inputs: for
+    forwards that :func:`safe_call` cannot watch (under ``vmap``)."""
+    return inputs if model in _READS_INPUTS else _clone(inputs)
+
+
+def safe_call(model: nn.Module, fn: Callable[[Any], Any], inputs: Any) -> Any:
+    """``fn(inputs)``, a forward pass of ``model``, such that a model writing into its inputs in
+    place (``x /= 255``, a first ``ReLU(inplace=True)``) never changes the caller's tensors:
+    hessfree hands models views of the user's dataset, and runs several passes over one batch.
+
+    The first call for a model runs on a copy and notes whether the model wrote into it; such a
+    model gets a fresh copy on every call (and a log message), any other runs on the inputs
+    themselves, and if it writes into them later after all, :class:`InputError` is raised."""
+    if model in _WRITES_INPUTS:
+        return fn(_clone(inputs))
+    if model not in _READS_INPUTS:
+        trial = _clone(inputs)
+        before = _versions(trial)
+        out = fn(trial)
+        if _versions(trial) != before:
+            _WRITES_INPUTS.add(model)
+            log.info("%s writes into its input tensors in place: hessfree passes it a copy of every batch",
+                     type(model).__name__)
+        else:
+            _READS_INPUTS.add(model)
+        return out
+    before = _versions(inputs)
+    out = fn(inputs)
+    if _versions(inputs) != before:
+        raise InputError(
+            f"{type(model).__name__} wrote into its input tensors in place on a later batch, after leaving the "
+            "first one unchanged: those samples of your dataset may have been changed. Make the in-place "
+            "operation out of place (x = x / 255 instead of x /= 255, ReLU() instead of ReLU(inplace=True))")
+    return out
 
 
 class Task:
@@ -39,6 +115,11 @@ class Task:
 
     def forward(self, model: nn.Module, inputs: Any) -> Tensor:
         return model(inputs)
+
+    def safe_forward(self, model: nn.Module, inputs: Any) -> Tensor:
+        """:meth:`forward` through :func:`safe_call`: the inputs are never written into. hessfree
+        calls this; override :meth:`forward`, not this."""
+        return safe_call(model, lambda x: self.forward(model, x), inputs)
 
     def per_sample_loss(self, outputs: Tensor, targets: Any) -> Tensor:
         raise NotImplementedError("a Task subclass must implement per_sample_loss(outputs, targets) -> (B,)")

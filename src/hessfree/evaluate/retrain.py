@@ -33,7 +33,7 @@ def evaluate_model(model: nn.Module, dataset: Dataset, task: Task, sensitive: An
     with torch.no_grad():
         for _, batch in iter_batches(dataset, batch_size):
             x, y = task.split(batch)
-            out = task.forward(model, x)
+            out = task.safe_forward(model, x)
             losses.append(task.per_sample_loss(out, y))
             if out.ndim == 1 or out.shape[-1] == 1:
                 preds.append((out.reshape(-1) > 0).long())

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hessfree.grads.stacked import plain_calls, plain_module
-from hessfree.tasks import BCEWithLogits, CrossEntropy, Task
+from hessfree.tasks import BCEWithLogits, CrossEntropy, Task, safe_call
 
 
 def row_norm(x: Tensor, ord: str) -> Tensor:
@@ -150,6 +150,7 @@ class HeadCapture:
         self.weight = f"{prefix}weight" if f"{prefix}weight" in names else None
         self.bias = f"{prefix}bias" if f"{prefix}bias" in names else None
         self._body = sequential_body(model, module) if model is not None else None
+        self._model = model
         self._calls: list[tuple[Tensor, Tensor]] = []
         self._handle: Any = None
 
@@ -169,9 +170,7 @@ class HeadCapture:
         ``validate(outputs)``, if given, checks the labels against the outputs first."""
         if self._body is not None:
             with torch.no_grad():
-                h = inputs
-                for m in self._body:
-                    h = m(h)
+                h = safe_call(self._model, self._run_body, inputs)
                 outputs = F.linear(h, self.module.weight, self.module.bias)
             if validate is not None:
                 validate(outputs)
@@ -188,6 +187,11 @@ class HeadCapture:
         if isinstance(self.task, BCEWithLogits) and outputs.shape[1] != 1:
             return None
         return calls[0]
+
+    def _run_body(self, h: Any) -> Any:
+        for m in self._body:
+            h = m(h)
+        return h
 
     def residual(self, z: Tensor, targets: Tensor) -> Tensor:
         """r = ∂l/∂z: softmax(z) − e_y, or σ(z) − y for BCE (a new tensor; z is not modified).

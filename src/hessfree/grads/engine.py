@@ -27,7 +27,7 @@ from hessfree.errors import NonFiniteError
 from hessfree.grads.blocks import BatchGrads, Block, DenseBlock, EmbeddingBlock, LinearBlock
 from hessfree.grads.stacked import (NotStackable, owners, repeat_batch, rowwise_by_construction, stackable_kind,
                                     stacked_forward)
-from hessfree.tasks import BCEWithLogits, CrossEntropy, Task
+from hessfree.tasks import BCEWithLogits, CrossEntropy, Task, protected_inputs
 
 log = logging.getLogger(__name__)
 
@@ -269,10 +269,10 @@ class GradientEngine:
         """Model output at the bound weights (differentiable w.r.t. the selected parameters); with
         several checkpoints bound, the output at the first of them."""
         if self._stack == 1:
-            return self.task.forward(self.model, inputs)
+            return self.task.safe_forward(self.model, inputs)
         B = batch_len(inputs)
         self._rows = B
-        return self.task.forward(self.model, repeat_batch(inputs, self._stack, B))[:B]
+        return self.task.safe_forward(self.model, repeat_batch(inputs, self._stack, B))[:B]
 
     def dense_grad(self, scalar: Tensor, retain_graph: bool = False) -> dict[str, Tensor]:
         """Gradient of a scalar w.r.t. the selected parameters: name -> tensor (zeros if unused)."""
@@ -297,7 +297,7 @@ class GradientEngine:
         self._captures.clear()
         self._capturing = True
         try:
-            outputs = self.task.forward(self.model, inputs)
+            outputs = self.task.safe_forward(self.model, inputs)
         finally:
             self._capturing = False
         if not self._clone_outputs and any(out._version != v for calls in self._captures.values()
@@ -387,7 +387,8 @@ class GradientEngine:
 
         P = sum(v.numel() for v in fb.values())
         chunk = max(1, _VMAP_BYTES // max(1, P * self.dtype.itemsize))
-        g = vmap(grad(loss_one), in_dims=(None, 0, 0), chunk_size=chunk if chunk < B else None)(fb, inputs, targets)
+        g = vmap(grad(loss_one), in_dims=(None, 0, 0), chunk_size=chunk if chunk < B else None)(
+            fb, protected_inputs(self.model, inputs), targets)
         return DenseBlock(torch.cat([g[f"model.{n}"].reshape(B, -1) for n in self.fallback], 1), list(self.fallback),
                           [self._state[n].numel() for n in self.fallback])
 
