@@ -278,7 +278,9 @@ class GradientEngine:
         """Gradient of a scalar w.r.t. the selected parameters: name -> tensor (zeros if unused)."""
         leaves = [self._state[n] for n in self.names]
         gs = torch.autograd.grad(scalar, leaves, allow_unused=True, retain_graph=retain_graph)
-        return {n: (g if g is not None else torch.zeros_like(p)) for n, p, g in zip(self.names, leaves, gs)}
+        # nn.Embedding(sparse=True) gives a sparse gradient: every consumer works on dense tensors
+        return {n: (torch.zeros_like(p) if g is None else g.to_dense() if g.layout != torch.strided else g)
+                for n, p, g in zip(self.names, leaves, gs)}
 
     def batch_grads(self, batch: Any, ids: Any = None, validate: bool = True, check_loss: bool = True) -> BatchGrads:
         """Per-sample gradients of one collated batch; ``ids`` name samples in error messages.

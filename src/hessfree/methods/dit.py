@@ -65,6 +65,9 @@ class FunctionalRun:
         self.task, self.log, self.l2 = run.task, run.step_log, traj.l2
         model = copy.deepcopy(run.model)
         model.load_state_dict(traj.base)
+        for mod in model.modules():  # a sparse gradient cannot flow back into the flat θ; the forward is the same
+            if isinstance(mod, nn.Embedding):
+                mod.sparse = False
         self.model = model.to(device=self.device, dtype=dtype).eval()
         self._task_module = _TaskModule(self.model, self.task)
         self.names, self.shapes = traj.names, traj.shapes

@@ -19,12 +19,14 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import Dataset
 
 from hessfree.datasets import as_index, dataset_size, iter_batches, sample_ids
 from hessfree.grads.blocks import BatchGrads, concat
 from hessfree.grads.engine import _check_finite
-from hessfree.grads.select import ParamSpec
+from hessfree.errors import InputError
+from hessfree.grads.select import ParamSpec, select_parameters
 from hessfree.grads.stacked import NotStackable
 from hessfree.methods.common import Scorer, check_labels
 from hessfree.run import Run
@@ -80,6 +82,7 @@ def influence(run: Run, train_dataset: Dataset, target: Target | Dataset, *, par
         target = Loss(target)
     target.validate()
     target.check_model(run.model)
+    _refuse_frequency_scaled_embeddings(run.model, params)
     with Scorer(run, train_dataset, params=params, checkpoints=checkpoints, batch_size=batch_size, dtype=dtype,
                 device=device, progress=progress, method="influence", ghost=ghost) as sc:
         out = torch.zeros(sc.n, dtype=torch.float64, device=sc.engine.device)
@@ -92,6 +95,21 @@ def influence(run: Run, train_dataset: Dataset, target: Target | Dataset, *, par
                 sc.add(out, pos, s, eta)
         meta = sc.meta(target=target.describe(), goal=target.goal)
     return Scores(out.cpu().numpy(), sc.ids, meta)
+
+
+def _refuse_frequency_scaled_embeddings(model: nn.Module, params: ParamSpec) -> None:
+    """A target's gradient is taken over whole batches; nn.Embedding(scale_grad_by_freq=True)
+    divides its gradient by word counts within the batch, so that gradient would not be the sum
+    of the samples' own gradients, and the scores would be off (by ~1e-3 relative in a test)."""
+    names = set(select_parameters(model, params))
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, nn.Embedding) and mod.scale_grad_by_freq and any(
+                (f"{mod_name}.{local}" if mod_name else local) in names for local, _ in mod.named_parameters()):
+            raise InputError(
+                f"influence against a target is not exact for nn.Embedding {mod_name!r} with scale_grad_by_freq=True: "
+                "autograd divides its gradient by word counts within the batch, so the target's gradient is not the "
+                "sum of its samples' gradients. Score a copy of the model with scale_grad_by_freq=False (the "
+                "forward is the same), or leave this layer out of params=")
 
 
 def pairwise_influence(run: Run, train_dataset: Dataset, test_dataset: Dataset, *, params: ParamSpec = "all",
