@@ -111,3 +111,63 @@ def test_a_model_that_writes_into_later_batches_only_is_refused():
     X[30, 0] = 3.0  # the batch holding sample 30 is written into; the first batch is not
     with pytest.raises(InputError, match="later batch"):
         hessfree.self_influence(run_of(HalveLater(True)), ds, dtype=torch.float64, batch_size=16, **Q)
+
+
+def test_fit_with_a_first_dropout_that_writes_in_place_only_in_training():
+    """The label check runs in eval mode, where Dropout(inplace=True) writes nothing; training must
+    still find out that it writes in train mode, and train exactly like Dropout(inplace=False)."""
+    ds = TensorDataset(torch.randn(24, 5, generator=torch.Generator().manual_seed(3)), torch.randint(0, 3, (24,)))
+    saved = ds.tensors[0].clone()
+    finals = []
+    for inplace in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Dropout(0.3, inplace=inplace), nn.Linear(5, 3))
+        torch.manual_seed(1)  # the same dropout draws for both
+        run = hessfree.fit(model, ds, lr=0.1, epochs=2, batch_size=8, **Q)
+        finals.append(run.checkpoint_state(len(run) - 1))
+        assert torch.equal(ds.tensors[0], saved)
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[1])
+
+
+def test_dit_saliency_query_with_an_inplace_model():
+    ds = TensorDataset(data(24).tensors[0].float(), data(24).tensors[1])
+    x0, y0 = ds.tensors[0][0].clone(), ds.tensors[1][0].clone()
+    d = []
+    for inplace in (True, False):
+        run = hessfree.fit(Halve(inplace), ds, lr=0.1, epochs=1, batch_size=8, record="every_step", **Q)
+        d.append(hessfree.dit(run, ds, queries.Saliency(x0, y0, 2), **Q).values)
+    np.testing.assert_allclose(d[0], d[1], rtol=1e-10, atol=1e-15)
+
+
+class HalveFromCall(Halve):
+    """Writes into its input from its ``start``-th call on (vmap traces forward once per batch)."""
+
+    def __init__(self, start: int):
+        super().__init__(True)
+        self.calls, self.start = 0, start
+
+    def forward(self, x):
+        self.calls += 1
+        x = x.div_(2) if self.calls >= self.start else x / 2
+        return self.head(self.body(x))
+
+
+def test_a_later_write_under_vmap_is_refused_too():
+    with pytest.raises(InputError, match="later batch"):
+        hessfree.self_influence(run_of(HalveFromCall(4)), data(), dtype=torch.float64, batch_size=8, ghost=False,
+                                **Q)
+
+
+def test_copies_keep_the_batch_containers():
+    from collections import UserDict, namedtuple
+
+    from hessfree.tasks import _clone
+
+    P = namedtuple("P", "a b")
+    x = torch.ones(2)
+    for batch in (P(x, [x, {"k": x}]), UserDict({"ids": x}), {"a": (x, x)}):
+        c = _clone(batch)
+        assert type(c) is type(batch)
+        flat = lambda o: [o] if isinstance(o, torch.Tensor) else [t for v in (o.values() if hasattr(o, "values") else o)
+                                                                     for t in flat(v)]  # noqa: E731
+        assert all(a is not b and torch.equal(a, b) for a, b in zip(flat(c), flat(batch)))

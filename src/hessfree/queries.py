@@ -140,7 +140,7 @@ class Saliency(Query):
 
     def value(self, model: nn.Module, task: Task) -> Tensor:
         x = self._x.detach().clone().requires_grad_(True)
-        loss = task.per_sample_loss(task.forward(model, x[None]), self._y.reshape(1, *self._y.shape)).sum()
+        loss = task.per_sample_loss(task.safe_forward(model, x[None]), self._y.reshape(1, *self._y.shape)).sum()
         (gx,) = torch.autograd.grad(loss, x, create_graph=True)
         return gx.reshape(-1)[self.coordinate]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
@@ -22,16 +23,15 @@ from hessfree.errors import InputError, LabelError
 
 log = logging.getLogger(__name__)
 
-# Models seen writing into their input tensors (they get a copy on every call), and models
-# checked not to. Weak: an entry goes with its model.
-_WRITES_INPUTS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
-_READS_INPUTS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+# Per model and mode (train / eval, grad on / off): whether it writes into its input tensors
+# (True: it gets a copy on every call). Weak: an entry goes with its model.
+_WRITES_INPUTS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple[bool, bool], bool]]" = weakref.WeakKeyDictionary()
 
 
 def _tensors_in(obj: Any) -> list[Tensor]:
     if isinstance(obj, Tensor):
         return [obj]
-    if isinstance(obj, dict):
+    if isinstance(obj, Mapping):
         return [t for v in obj.values() for t in _tensors_in(v)]
     if isinstance(obj, (list, tuple)):
         return [t for v in obj for t in _tensors_in(v)]
@@ -51,39 +51,44 @@ def _versions(obj: Any) -> list[int | None]:
 def _clone(obj: Any) -> Any:
     if isinstance(obj, Tensor):
         return obj.clone()
-    if isinstance(obj, dict):
-        return {k: _clone(v) for k, v in obj.items()}
+    if isinstance(obj, Mapping):
+        items = {k: _clone(v) for k, v in obj.items()}
+        if type(obj) is dict:
+            return items
+        try:  # UserDict, a tokenizer's BatchEncoding, ...
+            return type(obj)(items)
+        except TypeError:
+            return items
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
+        return type(obj)(*(_clone(v) for v in obj))
     if isinstance(obj, (list, tuple)):
         return type(obj)(_clone(v) for v in obj)
     return obj
 
 
-def protected_inputs(model: nn.Module, inputs: Any) -> Any:
-    """``inputs``, or a copy of them unless ``model`` is known not to write into its inputs: for
-    forwards that :func:`safe_call` cannot watch (under ``vmap``)."""
-    return inputs if model in _READS_INPUTS else _clone(inputs)
-
-
 def safe_call(model: nn.Module, fn: Callable[[Any], Any], inputs: Any) -> Any:
-    """``fn(inputs)``, a forward pass of ``model``, such that a model writing into its inputs in
-    place (``x /= 255``, a first ``ReLU(inplace=True)``) never changes the caller's tensors:
-    hessfree hands models views of the user's dataset, and runs several passes over one batch.
+    """``fn(inputs)``, a forward pass of ``model`` (possibly under ``vmap``), such that a model
+    writing into its inputs in place (``x /= 255``, a first ``ReLU(inplace=True)``, a first
+    ``Dropout(inplace=True)`` in training) never changes the caller's tensors: hessfree hands
+    models views of the user's dataset, and runs several passes over one batch.
 
-    The first call for a model runs on a copy and notes whether the model wrote into it; such a
-    model gets a fresh copy on every call (and a log message), any other runs on the inputs
-    themselves, and if it writes into them later after all, :class:`InputError` is raised."""
-    if model in _WRITES_INPUTS:
+    The first call for a model in each mode (train / eval, gradients on / off) runs on a copy and
+    notes whether the model wrote into it. A model that did gets a fresh copy on every call in
+    that mode (and a log message); any other runs on the inputs themselves, and if it writes into
+    them after all (a data-dependent write), :class:`InputError` is raised."""
+    mode = (model.training, torch.is_grad_enabled())
+    seen = _WRITES_INPUTS.setdefault(model, {})
+    writes = seen.get(mode)
+    if writes:
         return fn(_clone(inputs))
-    if model not in _READS_INPUTS:
+    if writes is None:
         trial = _clone(inputs)
         before = _versions(trial)
         out = fn(trial)
-        if _versions(trial) != before:
-            _WRITES_INPUTS.add(model)
-            log.info("%s writes into its input tensors in place: hessfree passes it a copy of every batch",
-                     type(model).__name__)
-        else:
-            _READS_INPUTS.add(model)
+        seen[mode] = _versions(trial) != before
+        if seen[mode]:
+            log.info("%s writes into its input tensors in place (%s mode): hessfree passes it a copy of every batch",
+                     type(model).__name__, "train" if mode[0] else "eval")
         return out
     before = _versions(inputs)
     out = fn(inputs)

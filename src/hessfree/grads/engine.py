@@ -27,7 +27,7 @@ from hessfree.errors import NonFiniteError
 from hessfree.grads.blocks import BatchGrads, Block, DenseBlock, EmbeddingBlock, LinearBlock
 from hessfree.grads.stacked import (NotStackable, owners, repeat_batch, rowwise_by_construction, stackable_kind,
                                     stacked_forward)
-from hessfree.tasks import BCEWithLogits, CrossEntropy, Task, protected_inputs
+from hessfree.tasks import BCEWithLogits, CrossEntropy, Task, safe_call
 
 log = logging.getLogger(__name__)
 
@@ -389,8 +389,8 @@ class GradientEngine:
 
         P = sum(v.numel() for v in fb.values())
         chunk = max(1, _VMAP_BYTES // max(1, P * self.dtype.itemsize))
-        g = vmap(grad(loss_one), in_dims=(None, 0, 0), chunk_size=chunk if chunk < B else None)(
-            fb, protected_inputs(self.model, inputs), targets)
+        per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0), chunk_size=chunk if chunk < B else None)
+        g = safe_call(self.model, lambda x: per_sample(fb, x, targets), inputs)
         return DenseBlock(torch.cat([g[f"model.{n}"].reshape(B, -1) for n in self.fallback], 1), list(self.fallback),
                           [self._state[n].numel() for n in self.fallback])
 

@@ -40,7 +40,7 @@ from hessfree.queries import Query, resolve_query
 from hessfree.run import Run, _require_trajectory, check_replay_dataset, check_trajectory_model, replay_states, \
     unflatten
 from hessfree.scores import SIGN_CONVENTION, Scores
-from hessfree.tasks import protected_inputs
+from hessfree.tasks import safe_call
 
 MODES = ("delta", "window_removal")
 
@@ -92,7 +92,8 @@ class FunctionalRun:
 
     def losses(self, theta: Tensor, x: Any, y: Any) -> Tensor:
         """(B,) per-sample losses WITHOUT the L2 term (through the Task's own forward, as in training)."""
-        out = functional_call(self._task_module, self.params(theta, "model."), (protected_inputs(self.model, x),))
+        params = self.params(theta, "model.")
+        out = safe_call(self.model, lambda xs: functional_call(self._task_module, params, (xs,)), x)
         return self.task.per_sample_loss(out, y)
 
     def query_value(self, query: Query, theta: Tensor) -> Tensor:
