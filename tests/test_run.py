@@ -419,3 +419,24 @@ def test_unreadable_safetensors_checkpoints_name_the_file(tmp_path, two_states):
     paths[1].unlink()
     with pytest.raises(CheckpointMismatchError, match=r"c1\.safetensors"):
         hessfree.self_influence(run, tabular(n=12, seed=0), **Q)
+
+
+def test_aliased_checkpoint_keys_must_agree(tmp_path):
+    """A module registered twice has two state-dict keys for one tensor; a checkpoint whose two
+    entries differ is refused (the engine would read one, load_state_dict the other)."""
+    from hessfree.errors import CheckpointMismatchError
+
+    torch.manual_seed(0)
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.Tanh(), shared, nn.Linear(4, 3))
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = dict(good, **{"2.weight": good["0.weight"] + 1})
+    hessfree.Run.from_checkpoints(model, [good], [1.0])  # equal entries: fine
+    with pytest.raises(CheckpointMismatchError, match="'0.weight' and '2.weight' are one tensor"):
+        hessfree.Run.from_checkpoints(model, [good, bad], [1.0, 1.0])
+    path = tmp_path / "bad.safetensors"
+    save_file({k: v.contiguous() for k, v in bad.items()}, str(path))
+    run = hessfree.Run.from_checkpoints(model, [path], [1.0])  # only the header is read here
+    data = TensorDataset(torch.randn(6, 4), torch.randint(0, 3, (6,)))
+    with pytest.raises(CheckpointMismatchError, match="checkpoint 0.*one tensor"):
+        hessfree.self_influence(run, data, progress=False)

@@ -113,6 +113,28 @@ def _check_matches(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], labe
         )
 
 
+def _alias_groups(model: nn.Module) -> list[list[str]]:
+    """State-dict keys that name one tensor of the model (a module registered twice, tied weights)."""
+    groups: dict[int, list[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(t), []).append(name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _check_aliases(model: nn.Module, state: Mapping[str, Tensor], label: str) -> None:
+    """The keys of one model tensor must hold one value: hessfree would read the first of them and
+    ``load_state_dict`` the last."""
+    for names in _alias_groups(model):
+        present = [n for n in names if n in state]
+        for other in present[1:]:
+            a, b = state[present[0]], state[other]
+            if a.shape != b.shape or not torch.equal(a, b):
+                raise CheckpointMismatchError(
+                    f"{label}: {present[0]!r} and {other!r} are one tensor in the model (a module registered twice, "
+                    "or tied weights) but hold different values in the checkpoint; save it from this model "
+                    "(model.state_dict()) or make the two entries equal")
+
+
 @dataclass
 class Checkpoint:
     """One checkpoint: where its weights are, the learning rate in force there, and its step."""
@@ -208,7 +230,9 @@ class Run:
 
     def checkpoint_state(self, k: int) -> StateDict:
         """Load checkpoint ``k`` (negative indices count from the end) as a state dict."""
-        return self.checkpoints[k].state()
+        state = self.checkpoints[k].state()
+        _check_aliases(self.model, state, f"checkpoint {k % len(self.checkpoints)}")
+        return state
 
     def __repr__(self) -> str:
         where = f", run_dir={str(self.run_dir)!r}" if self.run_dir else ""
@@ -247,6 +271,7 @@ class Run:
                 state = _unwrap(src)
                 prefix = _prefix_to_strip(list(state), model)
                 _check_matches(model, _strip({n: tuple(t.shape) for n, t in state.items()}, prefix), f"checkpoint {k}")
+                _check_aliases(model, _strip(state, prefix), f"checkpoint {k}")
                 # clone: a live model.state_dict() aliases the parameters and would change under training
                 source: Mapping[str, Tensor] | Path = {n: t.detach().clone() for n, t in state.items()}
             else:
