@@ -83,3 +83,81 @@ def test_frequency_scaled_embedding_is_refused_for_target_influence_only():
     # per-sample scores need no target gradient: they stay exact (each sample's own word counts)
     s = hessfree.self_influence(run, train, dtype=torch.float64, **Q).values
     assert np.abs(s - (G * G).sum(1).numpy()).max() <= 1e-12 * (G * G).sum(1).max().item()
+
+
+class TiedLM(nn.Module):
+    """A bag-of-words model whose output layer is the embedding matrix (tied weights); ``head_first``
+    registers the head before the embedding, so the tied tensor is named 'head.weight'."""
+
+    def __init__(self, head_first: bool = False, **kw):
+        super().__init__()
+        torch.manual_seed(0)
+        if head_first:
+            self.head = nn.Linear(4, 11, bias=False)
+            self.emb = nn.Embedding(11, 4, **kw)
+        else:
+            self.emb = nn.Embedding(11, 4, **kw)
+            self.head = nn.Linear(4, 11, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.emb(x).mean(1)))
+
+
+def lm_data():
+    g = torch.Generator().manual_seed(1)
+    return TensorDataset(torch.randint(0, 11, (12, 5), generator=g), torch.randint(0, 11, (12,), generator=g))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap over embedding_bag
+def test_sparse_embeddings_through_the_vmap_fallback_and_tied_weights():
+    train, _ = data()
+    f64 = dict(dtype=torch.float64, **Q)
+    model = Bag(sparse=True).double()
+    run = hessfree.Run.from_checkpoints(model, [model.state_dict()], [1.0], loss="cross_entropy")
+    G = per_sample_grads(model, train)
+    np.testing.assert_allclose(hessfree.self_influence(run, train, ghost=False, **f64).values,
+                               (G * G).sum(1).detach().numpy(), rtol=1e-12)
+    np.testing.assert_allclose(hessfree.outlier_scores(run, train, detector="l2", params="all", gradient_path="vmap",
+                                                       **f64).values, G.norm(dim=1).detach().numpy(), rtol=1e-12)
+    assert model.emb.sparse  # put back after scoring
+    lm, lm_ds = TiedLM(sparse=True).double(), lm_data()
+    run = hessfree.Run.from_checkpoints(lm, [lm.state_dict()], [1.0], loss="cross_entropy")
+    G = per_sample_grads(lm, lm_ds)
+    np.testing.assert_allclose(hessfree.self_influence(run, lm_ds, **f64).values, (G * G).sum(1).detach().numpy(),
+                               rtol=1e-12)
+    bag = nn.Sequential(nn.EmbeddingBag(11, 4, mode="mean", sparse=True), nn.Linear(4, 3)).double()
+    run = hessfree.fit(bag, train, lr=0.1, epochs=1, batch_size=5, record="every_step", **Q)
+    G = per_sample_grads(bag, train)
+    np.testing.assert_allclose(hessfree.self_influence(run, train, checkpoints="last", **f64).values,
+                               run.learning_rates[-1] * (G * G).sum(1).detach().numpy(), rtol=1e-12)
+    with pytest.raises(InputError, match="no double backward for nn.EmbeddingBag"):
+        hessfree.dit(run, train, queries.ValLoss(data()[1]), **Q)
+
+
+def test_frequency_scaling_is_found_through_tied_weights_and_embedding_bags():
+    lm_ds, target = lm_data(), TensorDataset(*(t[:4].clone() for t in lm_data().tensors))
+    for model, params in ((TiedLM(head_first=True, scale_grad_by_freq=True), "all"),
+                          (TiedLM(head_first=True, scale_grad_by_freq=True), ["head.weight"]),
+                          (nn.Sequential(nn.EmbeddingBag(11, 4, scale_grad_by_freq=True), nn.Linear(4, 11)), "all")):
+        run = hessfree.Run.from_checkpoints(model, [model.state_dict()], [1.0], loss="cross_entropy")
+        with pytest.raises(InputError, match="scale_grad_by_freq"):
+            hessfree.influence(run, lm_ds, target, params=params, **Q)
+    model = TiedLM(scale_grad_by_freq=True)
+    run = hessfree.fit(model, lm_ds, lr=0.1, epochs=1, batch_size=4, record="every_step", **Q)
+    with pytest.raises(InputError, match="dit is not exact .*scale_grad_by_freq"):
+        hessfree.dit(run, lm_ds, queries.ValLoss(target), **Q)
+
+
+def test_gaussian_ensemble_keeps_tied_weights_tied():
+    lm, lm_ds = TiedLM(), lm_data()
+    run = hessfree.Run.from_checkpoints(lm, [lm.state_dict()], [1.0], loss="cross_entropy")
+    s = hessfree.ensemble(hessfree.self_influence, members=3, perturbation="gaussian", sigma=0.01)(run, lm_ds, **Q)
+    assert np.isfinite(s.values).all()
+
+
+def test_a_non_finite_tied_weight_is_not_called_a_mismatch():
+    lm = TiedLM()
+    state = {k: v.clone() for k, v in lm.state_dict().items()}
+    state["emb.weight"][0, 0] = state["head.weight"][0, 0] = float("nan")
+    hessfree.Run.from_checkpoints(lm, [state], [1.0], loss="cross_entropy")  # equal, NaN included: accepted

@@ -128,7 +128,8 @@ def _check_aliases(model: nn.Module, state: Mapping[str, Tensor], label: str) ->
         present = [n for n in names if n in state]
         for other in present[1:]:
             a, b = state[present[0]], state[other]
-            if a.shape != b.shape or not torch.equal(a, b):
+            if a is not b and (a.shape != b.shape or a.dtype != b.dtype
+                               or not torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)):
                 raise CheckpointMismatchError(
                     f"{label}: {present[0]!r} and {other!r} are one tensor in the model (a module registered twice, "
                     "or tied weights) but hold different values in the checkpoint; save it from this model "

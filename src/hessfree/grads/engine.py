@@ -104,6 +104,7 @@ class GradientEngine:
         self._slots = _tensor_slots(self._owners)
         self._rows = 0  # samples of the batch being evaluated (read by stacked forwards)
         self._originals: list[tuple[dict, str, Any]] = []
+        self._sparse: list[nn.Module] = []  # sparse embeddings switched to dense gradients while active
         self._stack = 1  # checkpoints bound at once (see bind_stacked)
         self._stacked: set[str] = set()  # canonical names bound as (K, ...) stacks
         self._forwards: list[nn.Module] = []  # modules running a stacked forward
@@ -149,6 +150,11 @@ class GradientEngine:
         # The checkpoint's tensors are swapped into the model's parameter/buffer slots once per
         # checkpoint (not per batch, as functional_call would) and the originals put back on exit.
         self._originals = [(slot, attr, slot[attr]) for slots in self._slots.values() for slot, attr in slots]
+        # Sparse embedding gradients do not go through vmap or the dense consumers; the forward is the
+        # same with sparse=False, which is put back on exit
+        self._sparse = [m for m in self.model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
+        for m in self._sparse:
+            m.sparse = False
         for mod_name, e in self.rules.items():
             self._hooks.append(e["module"].register_forward_hook(self._make_hook(mod_name)))
         return self
@@ -161,6 +167,9 @@ class GradientEngine:
         for slot, attr, original in self._originals:
             slot[attr] = original
         self._originals = []
+        for m in self._sparse:
+            m.sparse = True
+        self._sparse = []
         self.model.train(self._was_training)
 
     def _make_hook(self, mod_name: str):

@@ -11,6 +11,21 @@ from hessfree.errors import ParameterSelectionError
 ParamSpec = str | Sequence[str]
 
 
+def frequency_scaled_layer(model: nn.Module, names: Sequence[str] | None = None) -> str | None:
+    """The name of an nn.Embedding / nn.EmbeddingBag with ``scale_grad_by_freq=True`` that owns one
+    of the parameters ``names`` (None: any trainable one), matched by tensor identity (a tied weight
+    may be selected under another module's name); else None. Autograd divides such a layer's
+    gradient by word counts within the batch, so a batch's gradient is not the sum of its samples'."""
+    named = dict(model.named_parameters())
+    chosen = {id(named[n]) for n in names} if names is not None else {
+        id(p) for p in named.values() if p.requires_grad}
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) and mod.scale_grad_by_freq and any(
+                id(p) in chosen for p in mod.parameters(recurse=False)):
+            return mod_name
+    return None
+
+
 def select_parameters(model: nn.Module, params: ParamSpec = "all") -> list[str]:
     """Names of the selected trainable parameters, in ``model.named_parameters()`` order.
 

@@ -39,6 +39,7 @@ from hessfree.grads.engine import _TaskModule
 from hessfree.queries import Query, resolve_query
 from hessfree.run import Run, _require_trajectory, check_replay_dataset, check_trajectory_model, replay_states, \
     unflatten
+from hessfree.grads.select import frequency_scaled_layer
 from hessfree.scores import SIGN_CONVENTION, Scores
 from hessfree.tasks import safe_call
 
@@ -66,7 +67,7 @@ class FunctionalRun:
         model = copy.deepcopy(run.model)
         model.load_state_dict(traj.base)
         for mod in model.modules():  # a sparse gradient cannot flow back into the flat θ; the forward is the same
-            if isinstance(mod, nn.Embedding):
+            if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):
                 mod.sparse = False
         self.model = model.to(device=self.device, dtype=dtype).eval()
         self._task_module = _TaskModule(self.model, self.task)
@@ -277,6 +278,16 @@ def _checked(run: Run, train_dataset: Dataset, query: Any, mode: str,
     if mode not in MODES:
         raise InputError(f"mode must be one of {MODES}, got {mode!r}")
     check_trajectory_model(run.model)
+    bags = [n for n, m in run.model.named_modules() if isinstance(m, nn.EmbeddingBag)]
+    if bags:
+        raise InputError(f"dit needs Hessian-vector products, and PyTorch has no double backward for nn.EmbeddingBag "
+                         f"({bags[0]!r}); use nn.Embedding and reduce its output (e.g. .mean(1)) instead")
+    layer = frequency_scaled_layer(run.model)
+    if layer is not None:
+        raise InputError(
+            f"dit is not exact for embedding {layer!r} with scale_grad_by_freq=True: autograd divides its gradient by "
+            "word counts within the batch, so removing one sample changes the others' gradients and the query's "
+            "gradient is not the sum of its samples'. Train with scale_grad_by_freq=False to use dit")
     check_replay_dataset(run, train_dataset)
     q = resolve_query(query)
     q.check(run.model, run.task)

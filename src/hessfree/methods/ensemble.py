@@ -41,8 +41,13 @@ class _NoisyCheckpoint(Checkpoint):
 
 
 def _gaussian_run(run: Run, sigma: float, gen: torch.Generator) -> Run:
-    noise = {n: torch.randn(p.shape, generator=gen, dtype=torch.float64) * sigma
-             for n, p in run.model.named_parameters() if p.requires_grad and p.dtype.is_floating_point}
+    drawn: dict[int, torch.Tensor] = {}  # one draw per tensor, shared by its aliases (tied weights)
+    noise = {}
+    for n, p in run.model.named_parameters(remove_duplicate=False):
+        if p.requires_grad and p.dtype.is_floating_point:
+            if id(p) not in drawn:
+                drawn[id(p)] = torch.randn(p.shape, generator=gen, dtype=torch.float64) * sigma
+            noise[n] = drawn[id(p)]
     return replace(run, checkpoints=[_NoisyCheckpoint(c, noise) for c in run.checkpoints])
 
 
