@@ -171,3 +171,52 @@ def test_copies_keep_the_batch_containers():
         flat = lambda o: [o] if isinstance(o, torch.Tensor) else [t for v in (o.values() if hasattr(o, "values") else o)
                                                                      for t in flat(v)]  # noqa: E731
         assert all(a is not b and torch.equal(a, b) for a, b in zip(flat(c), flat(batch)))
+
+
+def test_namedtuple_and_userdict_batches_are_scored():
+    """Batches whose inputs are a namedtuple or a UserDict (as a tokenizer's BatchEncoding is) keep
+    their type through casting, copying and stacking, and score as the plain-tuple batch does."""
+    from collections import UserDict, namedtuple
+
+    from torch.utils.data import Dataset
+
+    Pair = namedtuple("Pair", "a b")
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fa, self.fb, self.head = nn.Linear(3, 4), nn.Linear(2, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            a, b = (x["a"], x["b"]) if isinstance(x, UserDict) else (x[0], x[1])
+            return self.head(torch.tanh(self.fa(a) + self.fb(b)))
+
+    g = torch.Generator().manual_seed(0)
+    A, B, y = torch.randn(20, 3, generator=g), torch.randn(20, 2, generator=g), torch.randint(0, 3, (20,), generator=g)
+
+    class Items(Dataset):
+        def __init__(self, make):
+            self.make = make
+
+        def __len__(self):
+            return 20
+
+        def __getitem__(self, i):
+            return self.make(A[i], B[i]), y[i]
+
+    model = Two().double()
+    run = hessfree.Run.from_checkpoints(model, [copy.deepcopy(model.state_dict())] * 2, [0.5, 0.25],
+                                        loss="cross_entropy")
+    scored = {}
+    for name, make in (("tuple", lambda a, b: (a, b)), ("namedtuple", Pair), ("userdict", lambda a, b: UserDict(a=a, b=b))):
+        ds = Items(make)
+        scored[name] = [hessfree.self_influence(run, ds, dtype=torch.float64, batch_size=8, **Q).values,
+                        hessfree.outlier_scores(run, ds, detector="l2", params="all", dtype=torch.float64,
+                                                batch_size=8, **Q).values]
+        if name != "userdict":  # vmap needs a registered pytree: a UserDict is not one
+            scored[name].append(hessfree.self_influence(run, ds, dtype=torch.float64, batch_size=8, ghost=False,
+                                                        **Q).values)
+    for name in ("namedtuple", "userdict"):
+        for got, want in zip(scored[name], scored["tuple"]):
+            np.testing.assert_allclose(got, want, rtol=1e-12)

@@ -5,7 +5,8 @@ chain of them) they are the indices into the underlying dataset, so users never 
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Mapping
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -66,24 +67,48 @@ def iter_batches(dataset: Dataset, batch_size: int, order: np.ndarray | None = N
         yield pos, _fetch(dataset, pos, contiguous)
 
 
+def map_tensors(fn: Callable[[Tensor], Any], obj: Any) -> Any:
+    """``obj`` with ``fn`` applied to every tensor in it, each container rebuilt with its own type:
+    dicts and other Mappings (UserDict, a tokenizer's BatchEncoding), namedtuples, lists, tuples.
+    Anything else is returned as it is."""
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, Mapping):
+        items = {k: map_tensors(fn, v) for k, v in obj.items()}
+        if type(obj) is dict:
+            return items
+        try:
+            return type(obj)(items)
+        except TypeError:  # a Mapping that cannot be built from a dict
+            return items
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
+        return type(obj)(*(map_tensors(fn, v) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map_tensors(fn, v) for v in obj)
+    return obj
+
+
+def tensors_in(obj: Any) -> list[Tensor]:
+    """Every tensor in a (nested) batch, in order."""
+    out: list[Tensor] = []
+    map_tensors(out.append, obj)
+    return out
+
+
 def to_device(obj: Any, device: torch.device | str | None, dtype: torch.dtype | None) -> Any:
     """Move tensors in a (nested) batch to ``device``; floating tensors are cast to ``dtype``."""
-    if isinstance(obj, Tensor):
-        if dtype is not None and obj.dtype.is_floating_point:
-            return obj.to(device=device, dtype=dtype)
-        return obj.to(device=device)
-    if isinstance(obj, dict):
-        return {k: to_device(v, device, dtype) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_device(v, device, dtype) for v in obj)
-    return obj
+    def move(t: Tensor) -> Tensor:
+        if dtype is not None and t.dtype.is_floating_point:
+            return t.to(device=device, dtype=dtype)
+        return t.to(device=device)
+    return map_tensors(move, obj)
 
 
 def batch_len(obj: Any) -> int:
     """Number of samples in a collated batch (size of the first tensor's leading dimension)."""
     if isinstance(obj, Tensor):
         return obj.shape[0]
-    if isinstance(obj, dict):
+    if isinstance(obj, Mapping):
         return batch_len(next(iter(obj.values())))
     if isinstance(obj, (list, tuple)):
         return batch_len(obj[0])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
@@ -18,7 +17,7 @@ from torch import Tensor, nn
 
 from torch.utils.data import Dataset, TensorDataset
 
-from hessfree.datasets import iter_batches
+from hessfree.datasets import iter_batches, map_tensors, tensors_in
 from hessfree.errors import InputError, LabelError
 
 log = logging.getLogger(__name__)
@@ -28,19 +27,9 @@ log = logging.getLogger(__name__)
 _WRITES_INPUTS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple[bool, bool], bool]]" = weakref.WeakKeyDictionary()
 
 
-def _tensors_in(obj: Any) -> list[Tensor]:
-    if isinstance(obj, Tensor):
-        return [obj]
-    if isinstance(obj, Mapping):
-        return [t for v in obj.values() for t in _tensors_in(v)]
-    if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in _tensors_in(v)]
-    return []
-
-
 def _versions(obj: Any) -> list[int | None]:
     out = []
-    for t in _tensors_in(obj):
+    for t in tensors_in(obj):
         try:
             out.append(t._version)
         except RuntimeError:  # inference tensors keep no version counter
@@ -49,21 +38,7 @@ def _versions(obj: Any) -> list[int | None]:
 
 
 def _clone(obj: Any) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.clone()
-    if isinstance(obj, Mapping):
-        items = {k: _clone(v) for k, v in obj.items()}
-        if type(obj) is dict:
-            return items
-        try:  # UserDict, a tokenizer's BatchEncoding, ...
-            return type(obj)(items)
-        except TypeError:
-            return items
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
-        return type(obj)(*(_clone(v) for v in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_clone(v) for v in obj)
-    return obj
+    return map_tensors(lambda t: t.clone(), obj)
 
 
 def safe_call(model: nn.Module, fn: Callable[[Any], Any], inputs: Any) -> Any:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from hessfree.datasets import batch_len, to_device
+from hessfree.datasets import batch_len, map_tensors, to_device
 from hessfree.errors import NonFiniteError
 from hessfree.grads.blocks import BatchGrads, Block, DenseBlock, EmbeddingBlock, LinearBlock
 from hessfree.grads.stacked import (NotStackable, owners, repeat_batch, rowwise_by_construction, stackable_kind,
@@ -67,13 +67,7 @@ def _rule_kind(module: nn.Module) -> str | None:
 
 
 def _unsqueeze0(obj: Any) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.unsqueeze(0)
-    if isinstance(obj, dict):
-        return {k: _unsqueeze0(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_unsqueeze0(v) for v in obj)
-    return obj
+    return map_tensors(lambda t: t.unsqueeze(0), obj)
 
 
 class GradientEngine:

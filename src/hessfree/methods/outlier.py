@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import nullcontext
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -241,7 +242,7 @@ def _first_inputs(run: Run, dataset: Dataset) -> Any:
 def _shapes(obj: Any) -> Any:
     if isinstance(obj, Tensor):
         return tuple(obj.shape[1:])
-    if isinstance(obj, dict):
+    if isinstance(obj, Mapping):
         return {k: _shapes(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_shapes(v) for v in obj]
