@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from hessfree.datasets import map_tensors
 
+
 class NotStackable(Exception):
     """These checkpoints cannot share one forward pass; score them one at a time."""
 
