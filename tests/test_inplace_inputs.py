@@ -220,3 +220,26 @@ def test_namedtuple_and_userdict_batches_are_scored():
     for name in ("namedtuple", "userdict"):
         for got, want in zip(scored[name], scored["tuple"]):
             np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_verdicts_are_per_model_object_and_inference_tensors_are_always_copied():
+    from hessfree.tasks import Task
+
+    class EqualHalve(Halve):  # all instances compare equal and hash alike
+        def __eq__(self, other):
+            return isinstance(other, EqualHalve)
+
+        def __hash__(self):
+            return 0
+
+    ds = data()
+    saved = ds.tensors[0].clone()
+    for inplace in (False, True):  # the reader first: its verdict must not carry over to the writer
+        hessfree.self_influence(run_of(EqualHalve(inplace)), ds, dtype=torch.float64, batch_size=16, **Q)
+        assert torch.equal(ds.tensors[0], saved)
+    model, task = Halve(True).double(), Task()
+    with torch.inference_mode():
+        x = torch.ones(4, 5, dtype=torch.float64)
+        for _ in range(3):
+            task.safe_forward(model, x)
+        assert torch.equal(x, torch.ones(4, 5, dtype=torch.float64))

@@ -22,9 +22,21 @@ from hessfree.errors import InputError, LabelError
 
 log = logging.getLogger(__name__)
 
-# Per model and mode (train / eval, grad on / off): whether it writes into its input tensors
-# (True: it gets a copy on every call). Weak: an entry goes with its model.
-_WRITES_INPUTS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple[bool, bool], bool]]" = weakref.WeakKeyDictionary()
+# Per model (by identity, not by a class's own __eq__) and mode (train / eval, grad on / off):
+# whether it writes into its input tensors (True: it gets a copy on every call). An entry goes
+# with its model.
+_WRITES_INPUTS: dict[int, tuple[weakref.ref, dict[tuple[bool, bool], bool]]] = {}
+
+
+def _verdicts(model: nn.Module) -> dict[tuple[bool, bool], bool]:
+    key = id(model)
+    entry = _WRITES_INPUTS.get(key)
+    if entry is None or entry[0]() is not model:
+        def forget(ref: weakref.ref, key: int = key) -> None:
+            if key in _WRITES_INPUTS and _WRITES_INPUTS[key][0] is ref:
+                del _WRITES_INPUTS[key]
+        entry = _WRITES_INPUTS[key] = (weakref.ref(model, forget), {})
+    return entry[1]
 
 
 def _versions(obj: Any) -> list[int | None]:
@@ -50,11 +62,15 @@ def safe_call(model: nn.Module, fn: Callable[[Any], Any], inputs: Any) -> Any:
     The first call for a model in each mode (train / eval, gradients on / off) runs on a copy and
     notes whether the model wrote into it. A model that did gets a fresh copy on every call in
     that mode (and a log message); any other runs on the inputs themselves, and if it writes into
-    them after all (a data-dependent write), :class:`InputError` is raised."""
+    them after all (a data-dependent write), :class:`InputError` is raised. Inference tensors keep
+    no version counter: they are always copied."""
     mode = (model.training, torch.is_grad_enabled())
-    seen = _WRITES_INPUTS.setdefault(model, {})
+    seen = _verdicts(model)
     writes = seen.get(mode)
     if writes:
+        return fn(_clone(inputs))
+    before = _versions(inputs)
+    if None in before:  # inference tensors: a write into them could not be seen, so never pass them
         return fn(_clone(inputs))
     if writes is None:
         trial = _clone(inputs)
@@ -65,7 +81,6 @@ def safe_call(model: nn.Module, fn: Callable[[Any], Any], inputs: Any) -> Any:
             log.info("%s writes into its input tensors in place (%s mode): hessfree passes it a copy of every batch",
                      type(model).__name__, "train" if mode[0] else "eval")
         return out
-    before = _versions(inputs)
     out = fn(inputs)
     if _versions(inputs) != before:
         raise InputError(
