@@ -90,8 +90,8 @@ def brute_grads(run: hessfree.Run, data: TensorDataset, names: list[str]) -> lis
             x = x.double() if x.dtype.is_floating_point else x
             loss = run.task.per_sample_loss(model(x[None]), y[None])[0]
             g = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
-            rows.append(torch.cat([(gi if gi is not None else torch.zeros_like(params[n])).reshape(-1)
-                                   for n, gi in zip(names, g)]))
+            rows.append(torch.cat([(torch.zeros_like(params[n]) if gi is None else gi.to_dense()).reshape(-1)
+                                   for n, gi in zip(names, g)]))  # to_dense: nn.Embedding(sparse=True)
         out.append(torch.stack(rows))
     return out
 

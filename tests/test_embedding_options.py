@@ -11,6 +11,8 @@ from torch.utils.data import TensorDataset
 import hessfree
 from hessfree import queries
 from hessfree.errors import InputError
+from hessfree.grads.select import select_parameters
+from helpers import brute_grads
 
 Q = dict(progress=False)
 
@@ -32,20 +34,16 @@ def data():
     return TensorDataset(X, y), TensorDataset(X[:6].clone(), y[:6].clone())
 
 
-def per_sample_grads(model, ds):
-    rows = []
-    for i in range(len(ds)):
-        x, y = ds[i]
-        loss = nn.functional.cross_entropy(model(x[None]), y[None])
-        rows.append(torch.cat([g.to_dense().reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))]))
-    return torch.stack(rows)
+def last_grads(run, ds):
+    """(N, P) per-sample gradients over every trainable parameter at the run's last checkpoint."""
+    return brute_grads(run, ds, select_parameters(run.model))[-1]
 
 
 def test_sparse_embedding_scores_are_exact():
     train, target = data()
     model = Bag(sparse=True).double()
     run = hessfree.Run.from_checkpoints(model, [model.state_dict()], [1.0], loss="cross_entropy")
-    G, T = per_sample_grads(model, train), per_sample_grads(model, target)
+    G, T = last_grads(run, train), last_grads(run, target)
     f64 = dict(dtype=torch.float64, **Q)
     checks = [
         (hessfree.self_influence(run, train, **f64).values, (G * G).sum(1)),
@@ -76,7 +74,7 @@ def test_frequency_scaled_embedding_is_refused_for_target_influence_only():
     with pytest.raises(InputError, match="scale_grad_by_freq"):
         hessfree.influence(run, train, target, dtype=torch.float64, **Q)
     # without the layer in params= the target gradient is exact again
-    G, T = per_sample_grads(model, train), per_sample_grads(model, target)
+    G, T = last_grads(run, train), last_grads(run, target)
     got = hessfree.influence(run, train, target, params=["lin"], dtype=torch.float64, **Q).values
     want = (G[:, -15:] @ T[:, -15:].mean(0)).detach().numpy()  # lin.weight (12) and lin.bias (3) come last
     assert np.abs(got - want).max() <= 1e-12 * np.abs(want).max()
@@ -115,7 +113,7 @@ def test_sparse_embeddings_through_the_vmap_fallback_and_tied_weights():
     f64 = dict(dtype=torch.float64, **Q)
     model = Bag(sparse=True).double()
     run = hessfree.Run.from_checkpoints(model, [model.state_dict()], [1.0], loss="cross_entropy")
-    G = per_sample_grads(model, train)
+    G = last_grads(run, train)
     np.testing.assert_allclose(hessfree.self_influence(run, train, ghost=False, **f64).values,
                                (G * G).sum(1).detach().numpy(), rtol=1e-12)
     np.testing.assert_allclose(hessfree.outlier_scores(run, train, detector="l2", params="all", gradient_path="vmap",
@@ -123,12 +121,12 @@ def test_sparse_embeddings_through_the_vmap_fallback_and_tied_weights():
     assert model.emb.sparse  # put back after scoring
     lm, lm_ds = TiedLM(sparse=True).double(), lm_data()
     run = hessfree.Run.from_checkpoints(lm, [lm.state_dict()], [1.0], loss="cross_entropy")
-    G = per_sample_grads(lm, lm_ds)
+    G = last_grads(run, lm_ds)
     np.testing.assert_allclose(hessfree.self_influence(run, lm_ds, **f64).values, (G * G).sum(1).detach().numpy(),
                                rtol=1e-12)
     bag = nn.Sequential(nn.EmbeddingBag(11, 4, mode="mean", sparse=True), nn.Linear(4, 3)).double()
     run = hessfree.fit(bag, train, lr=0.1, epochs=1, batch_size=5, record="every_step", **Q)
-    G = per_sample_grads(bag, train)
+    G = last_grads(run, train)
     np.testing.assert_allclose(hessfree.self_influence(run, train, checkpoints="last", **f64).values,
                                run.learning_rates[-1] * (G * G).sum(1).detach().numpy(), rtol=1e-12)
     with pytest.raises(InputError, match="no double backward for nn.EmbeddingBag"):

@@ -89,10 +89,15 @@ def map_tensors(fn: Callable[[Tensor], Any], obj: Any) -> Any:
 
 
 def tensors_in(obj: Any) -> list[Tensor]:
-    """Every tensor in a (nested) batch, in order."""
-    out: list[Tensor] = []
-    map_tensors(out.append, obj)
-    return out
+    """Every tensor in a (nested) batch, in order (the containers :func:`map_tensors` walks, none
+    of them rebuilt)."""
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, Mapping):
+        obj = obj.values()
+    elif not isinstance(obj, (list, tuple)):
+        return []
+    return [t for v in obj for t in tensors_in(v)]
 
 
 def to_device(obj: Any, device: torch.device | str | None, dtype: torch.dtype | None) -> Any:
