@@ -417,10 +417,85 @@ def test_residual_norm_stays_accurate_for_confident_samples():
     r = torch.softmax(z, 1)
     r[torch.arange(200), y] = -(r.scatter(1, y[:, None], 0.0).sum(1))  # p_y - 1 = -(mass off the label), exact
     for ord, ref in (("l1", r.abs().sum(1)), ("l2", r.norm(dim=1))):
-        got = residual_norm(z.float(), y, CrossEntropy(), ord).double()
-        assert float(((got - ref).abs() / ref).max()) <= 1e-5, ord
-        got64 = residual_norm(z, y, CrossEntropy(), ord)
-        assert float(((got64 - ref).abs() / ref).max()) <= 1e-12, ord
+        for dim, zz in ((1, z), (0, z.t().contiguous())):  # (B, C), and classes first (C, B)
+            got = residual_norm(zz.float(), y, CrossEntropy(), ord, class_dim=dim).double()
+            assert float(((got - ref).abs() / ref).max()) <= 1e-5, (ord, dim)
+            got64 = residual_norm(zz, y, CrossEntropy(), ord, class_dim=dim)
+            assert float(((got64 - ref).abs() / ref).max()) <= 1e-12, (ord, dim)
+    for zz, dim in ((z[:, :1], 1), (z[:, :1].t(), 0)):  # BCE: one logit, either layout
+        yb = (y % 2).double()
+        got = residual_norm(zz, yb, hessfree.tasks.BCEWithLogits(), "l2", class_dim=dim)
+        assert torch.allclose(got, (torch.sigmoid(z[:, 0]) - yb).abs(), rtol=1e-14, atol=0)
+
+
+class _Bar:
+    """Stands in for tqdm: records the total and every update."""
+
+    made: list = []
+
+    def __init__(self, total=None, **kw):
+        self.total, self.n = total, 0
+        _Bar.made.append(self)
+
+    def update(self, k=1):
+        self.n += k
+
+    def reset(self, total=None):
+        self.n = 0
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("wrap", ["bare", "sequential"])
+@pytest.mark.parametrize("kind,bias", HEADS)
+def test_a_linear_model_is_scored_many_batches_per_forward(monkeypatch, wrap, kind, bias):
+    """A linear model (a bare nn.Linear or a Sequential holding only it) on a TensorDataset keeps
+    no activations, so its closed-form L1 / L2 run many batches per forward pass (about one flush
+    of logits, at most _STEP_BYTES of inputs, a multiple of batch_size): the autograd values, the
+    progress bar counting batches of batch_size. A body, or the dense detector features, keep the
+    batches at batch_size."""
+    from hessfree.grads import closed_form
+    from hessfree.methods import common
+
+    monkeypatch.setattr(closed_form.HeadNorms, "_FLUSH_ELEMENTS", 60)
+    monkeypatch.setattr(common, "tqdm", _Bar)
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(53, 6, generator=g)
+    classes = 3 if kind == "ce" else 1
+    y = torch.randint(0, 3, (53,), generator=g) if kind == "ce" else (torch.rand(53, generator=g) > 0.5).float()
+    data = TensorDataset(X, y)
+    torch.manual_seed(0)
+    head = nn.Linear(6, classes, bias=bias)
+    run = trained_run(head if wrap == "bare" else nn.Sequential(head), data,
+                      loss="cross_entropy" if kind == "ce" else "bce")
+    G = brute_grads(run, data, select_parameters(run.model, "last_layer"))[-1]
+    sizes = []
+    capture = closed_form.HeadCapture.capture
+    monkeypatch.setattr(closed_form.HeadCapture, "capture",
+                        lambda self, f, x, *a, **kw: (sizes.append(len(x)), capture(self, f, x, *a, **kw))[1])
+    kw = dict(params="last_layer", gradient_path="closed_form", dtype=torch.float64, batch_size=4, progress=True)
+    step = 20 if kind == "ce" else 60  # 60 logits a flush: 20 rows of 3 classes, 60 of one; multiples of 4
+    for det, ref in (("l2", G.norm(dim=1)), ("l1", G.abs().sum(1))):
+        sizes.clear()
+        s = hessfree.outlier_scores(run, data, detector=det, **kw)
+        assert s.meta["gradient_path"] == "closed_form"
+        assert max_rel(s.values, ref) <= 1e-10, det
+        assert sizes == [step] * (53 // step) + [53 % step] if 53 % step else [step] * (53 // step), sizes
+        assert (_Bar.made[-1].n, _Bar.made[-1].total) == (14, 14)  # ceil(53 / 4) batches, every one counted
+    monkeypatch.setattr(closed_form.HeadNorms, "_STEP_BYTES", 8 * 6 * 8)  # 8 rows of 6 float64 inputs
+    sizes.clear()
+    assert max_rel(hessfree.outlier_scores(run, data, detector="l2", **kw).values, G.norm(dim=1)) <= 1e-10
+    assert sizes == [8] * 6 + [5]
+    sizes.clear()
+    rec = Recorder()
+    hessfree.outlier_scores(run, data, detector=rec, **kw)  # dense (B, P) features: batch_size rows a pass
+    assert max_rel(rec.scored, G) <= 1e-10 and max(sizes) == 4
+    body = nn.Sequential(nn.Identity(), nn.Linear(6, classes, bias=bias))
+    run = hessfree.Run.from_checkpoints(body, [body.state_dict()], [1.0], loss=run.task)
+    sizes.clear()
+    hessfree.outlier_scores(run, data, detector="l2", **kw)  # a body (even an identity) keeps its batches
+    assert max(sizes) == 4 and len(sizes) == 14
 
 
 @pytest.mark.parametrize("kind,bias", HEADS)

@@ -156,13 +156,14 @@ class _Collector:
         parts = []
         norms = HeadNorms(self.head, self.want) if self.head is not None and self.want in ("l1", "l2") else None
         with self.head if self.head is not None else nullcontext():
-            for pos, batch in iter_batches(dataset, sc.batch_size):
+            step = norms.rows_per_step(dataset, sc.batch_size, sc.engine.dtype.itemsize) if norms else sc.batch_size
+            for pos, batch in iter_batches(dataset, step):
                 v = None
                 if self.head is not None:
                     inputs, targets = sc.engine.prepare(batch)
                     check = None if labels_checked else (
                         lambda out, t=targets, i=ids[pos]: sc.engine.task.validate(out, t, i))
-                    hz = self.head.capture(sc.engine.forward, inputs, check)
+                    hz = self.head.capture(sc.engine.forward, inputs, check, classes_first=norms is not None)
                     if hz is None:
                         if self.strict:
                             raise InputError(_NO_CLOSED_FORM + " (the layer is not the model's last operation)")
@@ -175,7 +176,7 @@ class _Collector:
                     elif norms is not None:  # L1 / L2: the residuals are formed many batches at a time
                         norms.add(hz[0], hz[1], targets, ids[pos])
                         parts.extend(self._checked(v, i) for v, i in norms.drain())
-                        sc.bar.update(1)
+                        sc.bar.update(-(-len(pos) // sc.batch_size))  # the batches of batch_size it covered
                         continue
                     else:
                         v = self.head.factors(hz, targets).dense(names)
