@@ -428,6 +428,17 @@ def test_residual_norm_stays_accurate_for_confident_samples():
         assert torch.allclose(got, (torch.sigmoid(z[:, 0]) - yb).abs(), rtol=1e-14, atol=0)
 
 
+def test_row_norm_of_a_tall_matrix_in_blocks(monkeypatch):
+    """The L1 row norm forms |x| a block of rows at a time for tall x: the same values, bit for bit."""
+    from hessfree.grads import closed_form
+
+    monkeypatch.setattr(closed_form, "_ABS_BLOCK", 4)
+    x = torch.randn(23, 5, dtype=torch.float64)
+    assert torch.equal(closed_form.row_norm(x, "l1"), x.abs().sum(1))
+    assert torch.equal(closed_form.row_norm(x[:8], "l1"), x[:8].abs().sum(1))  # short: in one go
+    assert torch.equal(closed_form.row_norm(x, "l2"), torch.linalg.vector_norm(x, dim=1))
+
+
 class _Bar:
     """Stands in for tqdm: records the total and every update."""
 

@@ -31,9 +31,20 @@ from hessfree.grads.stacked import plain_calls, plain_module
 from hessfree.tasks import BCEWithLogits, CrossEntropy, Task, safe_call
 
 
+_ABS_BLOCK = 4096  # rows of |x| formed at a time for the L1 norm of a tall x (one cache-sized temporary)
+
+
 def row_norm(x: Tensor, ord: str) -> Tensor:
-    """(B,) L2 or L1 norm of each row (``vector_norm(ord=1)`` is ~10× slower on CPU than abs-sum)."""
-    return torch.linalg.vector_norm(x, dim=1) if ord == "l2" else x.abs().sum(1)
+    """(B,) L2 or L1 norm of each row (``vector_norm(ord=1)`` is ~10× slower on CPU than abs-sum;
+    for tall x, |x| is formed ``_ABS_BLOCK`` rows at a time, not all at once)."""
+    if ord == "l2":
+        return torch.linalg.vector_norm(x, dim=1)
+    if x.ndim != 2 or len(x) <= 2 * _ABS_BLOCK or (x.requires_grad and torch.is_grad_enabled()):
+        return x.abs().sum(1)
+    out = x.new_empty(len(x))
+    for s in range(0, len(x), _ABS_BLOCK):
+        torch.sum(x[s:s + _ABS_BLOCK].abs(), 1, out=out[s:s + _ABS_BLOCK])
+    return out
 
 
 def gradient_norm(r_norm: Tensor, h_norm: Tensor | None, ord: str, bias: bool) -> Tensor:
@@ -271,8 +282,9 @@ class HeadNorms:
         self.done: list[tuple[Tensor, Any]] = []  # (norms, ids) of flushed rows
 
     def rows_per_step(self, dataset: Any, batch_size: int, itemsize: int) -> int:
-        """Rows to run per forward pass: ``batch_size``, or for a linear model on a TensorDataset a
-        multiple of it holding about one flush of logits (at most ``_STEP_BYTES`` of inputs).
+        """Rows to run per forward pass: ``batch_size``, or for a linear model on a TensorDataset
+        the smallest multiple of it that fills a flush (``_FLUSH_ELEMENTS`` logits), or that
+        holds ``_STEP_BYTES`` of inputs if that is fewer rows.
 
         A linear model's forward keeps no activations (h is a view of the inputs), so the batch
         size bounds nothing there; per-batch dispatch was most of the closed form's cost (about
@@ -282,9 +294,9 @@ class HeadNorms:
         if not (self.head.linear_model and isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2
                 and dataset.tensors[0].ndim == 2 and (isinstance(self.head.task, CrossEntropy) or mod.out_features == 1)):
             return batch_size  # (and where the closed form may turn out not to apply, the engine's batch stays small)
-        rows = min(self._FLUSH_ELEMENTS // mod.out_features,
+        rows = min(-(-self._FLUSH_ELEMENTS // mod.out_features),
                    self._STEP_BYTES // max(1, mod.in_features * itemsize))
-        return max(batch_size, rows // batch_size * batch_size)
+        return max(1, -(-rows // batch_size)) * batch_size
 
     def add(self, h: Tensor, z: Tensor, targets: Tensor, ids: Any) -> None:
         with torch.no_grad():
@@ -300,10 +312,10 @@ class HeadNorms:
     def flush(self) -> None:
         if not self._zt:
             return
-        zt, y = torch.cat(self._zt, 1), torch.cat(self._y)
+        zt, y = _joined(self._zt, 1), _joined(self._y, 0)
         ids = np.concatenate([np.asarray(part) for part in self._ids])
         with torch.no_grad():
-            hn = torch.cat(self._hn) if self.head.weight is not None else None
+            hn = _joined(self._hn, 0) if self.head.weight is not None else None
             rn = residual_norm(zt, y, self.head.task, self.ord, class_dim=0)
             v = gradient_norm(rn, hn, self.ord, self.head.bias is not None)
         self.done.append((v, ids))
@@ -316,3 +328,9 @@ class HeadNorms:
             self.flush()
         out, self.done = self.done, []
         return out
+
+
+def _joined(parts: list[Tensor], dim: int) -> Tensor:
+    """``torch.cat(parts, dim)``, without the copy when there is one part (a step of a linear model
+    fills a flush on its own)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
