@@ -214,12 +214,43 @@ def test_namedtuple_and_userdict_batches_are_scored():
         scored[name] = [hessfree.self_influence(run, ds, dtype=torch.float64, batch_size=8, **Q).values,
                         hessfree.outlier_scores(run, ds, detector="l2", params="all", dtype=torch.float64,
                                                 batch_size=8, **Q).values]
-        if name != "userdict":  # vmap needs a registered pytree: a UserDict is not one
-            scored[name].append(hessfree.self_influence(run, ds, dtype=torch.float64, batch_size=8, ghost=False,
-                                                        **Q).values)
+        # the vmap fallback too (torch.func maps over the tensors; a UserDict is no pytree it knows)
+        scored[name].append(hessfree.self_influence(run, ds, dtype=torch.float64, batch_size=8, ghost=False,
+                                                    **Q).values)
     for name in ("namedtuple", "userdict"):
         for got, want in zip(scored[name], scored["tuple"]):
             np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_vmap_fallback_refuses_non_tensor_entries_clearly():
+    """The vmap fallback maps over every entry of a batch: a number or string among the inputs gets
+    a specific InputError (torch.func's own error named none of the user's objects)."""
+    from collections import UserDict
+
+    from torch.utils.data import Dataset
+
+    from hessfree.errors import InputError
+
+    class Flagged(Dataset):
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            return UserDict(x=torch.full((3,), float(i)), tag="s"), i % 3
+
+    class Use(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, b):
+            return self.fc(b["x"])
+
+    model = Use()
+    run = hessfree.Run.from_checkpoints(model, [model.state_dict()], [1.0], loss="cross_entropy")
+    assert hessfree.self_influence(run, Flagged(), batch_size=4, **Q).values.shape == (6,)  # hooks: fine
+    with pytest.raises(InputError, match=r"inputs hold str values besides tensors.*vmap\(grad\) fallback"):
+        hessfree.self_influence(run, Flagged(), batch_size=4, ghost=False, **Q)
 
 
 def test_verdicts_are_per_model_object_and_inference_tensors_are_always_copied():

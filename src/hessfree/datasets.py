@@ -100,6 +100,24 @@ def tensors_in(obj: Any) -> list[Tensor]:
     return [t for v in obj for t in tensors_in(v)]
 
 
+def leaves_in(obj: Any) -> list[Any]:
+    """Everything in a (nested) batch that is not one of the containers :func:`map_tensors`
+    walks (tensors, and anything else: numbers, strings, None), in :func:`tensors_in` order."""
+    if isinstance(obj, Mapping):
+        obj = obj.values()
+    elif not isinstance(obj, (list, tuple)):
+        return [obj]
+    return [t for v in obj for t in leaves_in(v)]
+
+
+def with_tensors(template: Any, tensors: list[Any]) -> Any:
+    """``template`` with its tensors replaced, in :func:`tensors_in` order, by ``tensors`` (its
+    containers rebuilt by :func:`map_tensors`): how a batch in a container that ``torch.func``
+    cannot map over (a UserDict, a tokenizer's BatchEncoding) goes through ``vmap`` as a list."""
+    it = iter(tensors)
+    return map_tensors(lambda _t: next(it), template)
+
+
 def to_device(obj: Any, device: torch.device | str | None, dtype: torch.dtype | None) -> Any:
     """Move tensors in a (nested) batch to ``device``; floating tensors are cast to ``dtype``."""
     def move(t: Tensor) -> Tensor:

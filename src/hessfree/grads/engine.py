@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from hessfree.datasets import batch_len, map_tensors, to_device
-from hessfree.errors import NonFiniteError
+from hessfree.datasets import batch_len, leaves_in, map_tensors, tensors_in, to_device, with_tensors
+from hessfree.errors import InputError, NonFiniteError
 from hessfree.grads.blocks import BatchGrads, Block, DenseBlock, EmbeddingBlock, LinearBlock
 from hessfree.grads.stacked import (NotStackable, owners, repeat_batch, rowwise_by_construction, stackable_kind,
                                     stacked_forward)
@@ -386,14 +386,23 @@ class GradientEngine:
         fb = {f"model.{n}": self._state[n].detach() for n in self.fallback}
         wrapper, task = self._wrapper, self.task
 
-        def loss_one(fb_params: dict[str, Tensor], x: Any, y: Any) -> Tensor:
+        # vmap maps over the batch's tensors as lists, and each sample's batch is rebuilt in its own
+        # containers: torch.func cannot map over containers it does not know (UserDict, BatchEncoding)
+        def loss_one(fb_params: dict[str, Tensor], xs: list[Tensor], ys: list[Tensor]) -> Tensor:
+            x, y = with_tensors(inputs, xs), with_tensors(targets, ys)
             out = functional_call(wrapper, fb_params, (_unsqueeze0(x),))
             return task.per_sample_loss(out, _unsqueeze0(y))[0]
 
+        for what, obj in (("inputs", inputs), ("targets", targets)):
+            other = sorted({type(v).__name__ for v in leaves_in(obj) if not isinstance(v, Tensor)})
+            if other:
+                raise InputError(f"the batch's {what} hold {', '.join(other)} values besides tensors: the vmap(grad) "
+                                 f"fallback for {', '.join(self.fallback)} maps over every entry of a batch, one "
+                                 "sample at a time, so each must be a tensor with the batch as its first dimension")
         P = sum(v.numel() for v in fb.values())
         chunk = max(1, _VMAP_BYTES // max(1, P * self.dtype.itemsize))
         per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0), chunk_size=chunk if chunk < B else None)
-        g = safe_call(self.model, lambda x: per_sample(fb, x, targets), inputs)
+        g = safe_call(self.model, lambda x: per_sample(fb, tensors_in(x), tensors_in(targets)), inputs)
         return DenseBlock(torch.cat([g[f"model.{n}"].reshape(B, -1) for n in self.fallback], 1), list(self.fallback),
                           [self._state[n].numel() for n in self.fallback])
 
