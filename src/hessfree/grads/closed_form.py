@@ -119,6 +119,8 @@ def head_module(model: nn.Module, names: list[str], task: Task) -> tuple[str, nn
     """The nn.Linear owning every selected parameter, if the closed form can apply (static part)."""
     if type(task) not in (CrossEntropy, BCEWithLogits):
         return None
+    if not plain_calls():  # a global module hook (or a patched nn.Module call) may change z = W h + b
+        return None
     owners = set()
     for n in names:
         mod_name, _, local = n.rpartition(".")
@@ -264,7 +266,8 @@ class HeadNorms:
     (:func:`residual_norm`, without forming r). The values are those of :meth:`HeadGrads.norm` up
     to rounding, with far fewer tensor operations per batch, which is most of the cost when the
     head is small. Pass it logits from :meth:`HeadCapture.capture` with ``classes_first=True``
-    (no copy; any (B, C) logits work, at the cost of one transposing copy per flush).
+    (stored without a copy); any (B, C) logits work too, stored as transposed views (copied when a
+    flush joins several of them).
     """
 
     _FLUSH_ELEMENTS = 1 << 19  # 2 MB of float32 logits: larger temporaries were page-faulted afresh each call

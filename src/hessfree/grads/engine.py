@@ -45,6 +45,11 @@ class _TaskModule(nn.Module):
     def forward(self, inputs: Any) -> Tensor:
         return self.task.forward(self.model, inputs)
 
+    def __call__(self, inputs: Any) -> Tensor:
+        # not through nn.Module's call: a global module hook would run once more on this wrapper,
+        # which the user's model does not have (it runs on the user's modules as they are called)
+        return self.forward(inputs)
+
 
 def _tensor_slots(holders: dict[str, list[tuple[nn.Module, str]]]) -> dict[str, list[tuple[dict, str]]]:
     """Canonical state-dict name -> every (module._parameters / _buffers dict, key) holding it, from
