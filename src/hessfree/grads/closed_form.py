@@ -66,9 +66,9 @@ def residual_norm(z: Tensor, targets: Tensor, task: Task, ord: str, class_dim: i
     Summing the off-label terms directly keeps 1 − p_y accurate when p_y is close to 1, where
     forming p_y − 1 would cancel. BCE on one logit: |σ(z) − y|.
 
-    The classes-first layout (C, B) is about twice as fast on CPU for few classes: its reductions
-    over the classes run along contiguous rows of B samples, vectorised, instead of over
-    C-element rows one sample at a time.
+    The classes-first layout (C, B) is the faster one on CPU for few classes: its reductions over
+    the classes run along contiguous rows of B samples, vectorised, instead of over C-element
+    rows one sample at a time.
     """
     if class_dim not in (0, 1):
         raise ValueError(f"class_dim must be 0 or 1, got {class_dim!r}")
@@ -290,9 +290,9 @@ class HeadNorms:
         holds ``_STEP_BYTES`` of inputs if that is fewer rows.
 
         A linear model's forward keeps no activations (h is a view of the inputs), so the batch
-        size bounds nothing there; per-batch dispatch was most of the closed form's cost (about
-        2.5× at batch 1024 for 64 features and 10 classes). The values do not depend on the step:
-        every operation is row by row."""
+        size bounds nothing there, and per-batch dispatch was most of the closed form's cost for a
+        small head (``benchmarks/oga_speed.py``). The values do not depend on the step: every
+        operation is row by row."""
         mod = self.head.module
         if not (self.head.linear_model and isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2
                 and dataset.tensors[0].ndim == 2 and (isinstance(self.head.task, CrossEntropy) or mod.out_features == 1)):
