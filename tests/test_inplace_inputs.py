@@ -222,6 +222,41 @@ def test_namedtuple_and_userdict_batches_are_scored():
             np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
+def test_userdict_batches_through_fit_and_dit():
+    """Training and DIT on UserDict batches (as a tokenizer's BatchEncoding is) give the values of
+    the plain-tensor dataset."""
+    from collections import UserDict
+
+    from torch.utils.data import Dataset
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, b):
+            return self.fc(torch.tanh(b if isinstance(b, torch.Tensor) else b["x"]))
+
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(24, 4, generator=g), torch.randint(0, 3, (24,), generator=g)
+
+    class Items(Dataset):
+        def __len__(self):
+            return 24
+
+        def __getitem__(self, i):
+            return UserDict(x=X[i]), y[i]
+
+    got = {}
+    for name, ds in (("tensor", TensorDataset(X, y)), ("userdict", Items())):
+        run = hessfree.fit(M(), ds, loss="cross_entropy", lr=0.1, epochs=2, batch_size=8, seed=0,
+                           record="every_step", progress=False)
+        got[name] = hessfree.dit(run, ds, hessfree.queries.ValLoss(ds), progress=False).values
+    np.testing.assert_allclose(got["userdict"], got["tensor"], rtol=1e-12, atol=1e-15)
+    assert np.abs(got["tensor"]).max() > 0
+
+
 def test_vmap_fallback_refuses_non_tensor_entries_clearly():
     """The vmap fallback maps over every entry of a batch: a number or string among the inputs gets
     a specific InputError (torch.func's own error named none of the user's objects)."""
