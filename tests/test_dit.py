@@ -407,3 +407,30 @@ def test_custom_query_data_is_cast_to_the_model_dtype(setup):
     assert np.array_equal(with_data.values, ref.values)
     with pytest.raises(InputError, match="data="):
         hessfree.dit(run, train, queries.Custom(lambda m: m(x32).sum()), **Q)
+
+
+@pytest.mark.parametrize("hook", ["forward", "pre"])
+def test_global_module_hooks_run_on_the_users_modules_only(hook):
+    """A global module hook runs on every module the model calls. DIT's functional wrappers (the
+    query and the training loss) must not add a module of their own for it to run on: the query
+    value and the losses equal those of the model itself, and a pre-hook does not crash DIT."""
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+    g = torch.Generator().manual_seed(3)
+    ds = TensorDataset(torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g))
+    torch.manual_seed(0)
+    run = hessfree.fit(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)), ds, loss="cross_entropy",
+                       lr=0.1, epochs=2, batch_size=8, seed=0, record="every_step", progress=False)
+    q = queries.ValLoss(ds)
+    handle = (register_module_forward_hook(lambda m, a, out: 2.0 * out if isinstance(out, torch.Tensor) else None)
+              if hook == "forward" else register_module_forward_pre_hook(lambda m, a: (a[0].clamp(-10, 10),) + a[1:]))
+    try:
+        fr = dit_mod.FunctionalRun(run, ds)
+        q.prepare(torch.float64, None)
+        theta = torch.cat([fr.model.get_parameter(n).detach().reshape(-1) for n in fr.names])
+        assert torch.allclose(fr.query_value(q, theta), q.value(fr.model, run.task), rtol=1e-12, atol=0)
+        x, y, _ = fr.batch(0)
+        assert torch.allclose(fr.losses(theta, x, y), run.task.per_sample_loss(fr.model(x), y), rtol=1e-12, atol=0)
+        assert np.isfinite(hessfree.dit(run, ds, q, progress=False).values).all()
+    finally:
+        handle.remove()

@@ -186,14 +186,15 @@ def test_namedtuple_and_userdict_batches_are_scored():
         def __init__(self):
             super().__init__()
             torch.manual_seed(0)
-            self.fa, self.fb, self.head = nn.Linear(3, 4), nn.Linear(2, 4), nn.Linear(4, 3)
+            self.fa, self.fb, self.head = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 3)
 
         def forward(self, x):
             a, b = (x["a"], x["b"]) if isinstance(x, UserDict) else (x[0], x[1])
             return self.head(torch.tanh(self.fa(a) + self.fb(b)))
 
     g = torch.Generator().manual_seed(0)
-    A, B, y = torch.randn(20, 3, generator=g), torch.randn(20, 2, generator=g), torch.randint(0, 3, (20,), generator=g)
+    # a and b of one shape: a mix-up of the two when a batch is taken apart and rebuilt would go unseen otherwise
+    A, B, y = torch.randn(20, 3, generator=g), torch.randn(20, 3, generator=g), torch.randint(0, 3, (20,), generator=g)
 
     class Items(Dataset):
         def __init__(self, make):
@@ -286,6 +287,59 @@ def test_vmap_fallback_refuses_non_tensor_entries_clearly():
     assert hessfree.self_influence(run, Flagged(), batch_size=4, **Q).values.shape == (6,)  # hooks: fine
     with pytest.raises(InputError, match=r"inputs hold str values besides tensors.*vmap\(grad\) fallback"):
         hessfree.self_influence(run, Flagged(), batch_size=4, ghost=False, **Q)
+
+
+def test_vmap_fallback_takes_none_entries_and_refuses_global_backward_hooks():
+    """None in a batch (an absent mask) passes through the vmap fallback as it is; a global module
+    backward hook, which torch.func cannot run through, gets a specific InputError."""
+    from collections import UserDict
+
+    from torch.nn.modules.module import register_module_full_backward_hook
+    from torch.utils.data import Dataset, default_collate
+
+    from hessfree.errors import InputError
+    from hessfree.grads.engine import GradientEngine
+
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(12, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (12,), generator=g)
+
+    class Masked(Dataset):
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            return UserDict(x=X[i]), y[i]
+
+    class Use(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.ln, self.fc = nn.LayerNorm(3), nn.Linear(3, 3)
+
+        def forward(self, b):
+            return self.fc(self.ln(b["x"] if b.get("mask") is None else b["x"] * b["mask"]))
+
+    def with_none(items):  # default_collate cannot collate None: the batch is built by hand
+        xb, yb = default_collate(items)
+        xb["mask"] = None
+        return xb, yb
+
+    model = Use().double()
+    run = hessfree.Run.from_checkpoints(model, [model.state_dict()], [1.0], loss="cross_entropy")
+    names = [n for n, _ in model.named_parameters()]
+    batch = with_none([Masked()[i] for i in range(12)])
+    with GradientEngine(model, run.task, names, dtype=torch.float64) as hooks, \
+            GradientEngine(model, run.task, names, dtype=torch.float64, ghost=False) as ref:
+        hooks.bind(run.checkpoint_state(0))
+        ref.bind(run.checkpoint_state(0))
+        a, b = hooks.batch_grads(batch).sq_norms(), ref.batch_grads(batch).sq_norms()
+    assert torch.allclose(a, b, rtol=1e-12, atol=0)
+    handle = register_module_full_backward_hook(lambda m, gi, go: None)
+    try:
+        with pytest.raises(InputError, match="global module backward hook"):
+            hessfree.self_influence(run, Masked(), batch_size=4, ghost=False, dtype=torch.float64, **Q)
+    finally:
+        handle.remove()
 
 
 def test_verdicts_are_per_model_object_and_inference_tensors_are_always_copied():

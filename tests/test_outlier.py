@@ -567,6 +567,28 @@ def test_global_module_hooks_keep_the_closed_form_off(wrap, hook):
     assert hessfree.outlier_scores(run, data, detector="l2", batch_size=8, **Q).meta["gradient_path"] == "closed_form"
 
 
+def test_vmap_path_under_a_global_forward_hook_matches_autograd():
+    """Under a global forward hook the vmap(grad) path differentiates the model as the user's own
+    calls run it (the hook once per module, not once more on hessfree's wrapper)."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    g = torch.Generator().manual_seed(5)
+    data = TensorDataset(torch.randn(20, 5, generator=g), torch.randint(0, 3, (20,), generator=g))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3))
+    run = hessfree.Run.from_checkpoints(model, [model.state_dict()], [1.0], loss="cross_entropy")
+    handle = register_module_forward_hook(lambda m, a, out: 2.0 * out)  # (a shift would not show: CE ignores one)
+    try:
+        G = brute_grads(run, data, select_parameters(run.model, "all"))[-1]
+        s = hessfree.self_influence(run, data, ghost=False, dtype=torch.float64, batch_size=8, **Q)
+        assert max_rel(s.values, G.pow(2).sum(1)) <= 1e-10
+        o = hessfree.outlier_scores(run, data, detector="l2", params="all", gradient_path="vmap",
+                                    dtype=torch.float64, batch_size=8, **Q)
+        assert max_rel(o.values, G.norm(dim=1)) <= 1e-10
+    finally:
+        handle.remove()
+
+
 def test_a_linear_model_on_inputs_of_more_dimensions_keeps_its_batches(monkeypatch):
     """A bare nn.Linear on (N, 1, d) inputs gives (B, 1, 1) logits, where the closed form does not
     apply: its batches stay at batch_size, so the engine taking over never sees a large one."""

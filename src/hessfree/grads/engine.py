@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.modules import module as _module
 
 from hessfree.datasets import batch_len, leaves_in, map_tensors, tensors_in, to_device, with_tensors
 from hessfree.errors import InputError, NonFiniteError
@@ -34,7 +35,17 @@ log = logging.getLogger(__name__)
 _VMAP_BYTES = 1 << 28  # per-chunk budget of materialised fallback gradients
 
 
-class _TaskModule(nn.Module):
+class CallWrapper(nn.Module):
+    """A module that exists only so that ``functional_call`` can swap in weights of the modules it
+    holds. Calling it runs ``forward`` directly, not through ``nn.Module.__call__``: a global
+    module hook then runs on the user's modules only, as in the user's own calls, and not once
+    more on this wrapper."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.forward(*args, **kwargs)
+
+
+class _TaskModule(CallWrapper):
     """Lets ``functional_call`` run ``task.forward(model, inputs)`` with swapped-in weights."""
 
     def __init__(self, model: nn.Module, task: Task):
@@ -44,11 +55,6 @@ class _TaskModule(nn.Module):
 
     def forward(self, inputs: Any) -> Tensor:
         return self.task.forward(self.model, inputs)
-
-    def __call__(self, inputs: Any) -> Tensor:
-        # not through nn.Module's call: a global module hook would run once more on this wrapper,
-        # which the user's model does not have (it runs on the user's modules as they are called)
-        return self.forward(inputs)
 
 
 def _tensor_slots(holders: dict[str, list[tuple[nn.Module, str]]]) -> dict[str, list[tuple[dict, str]]]:
@@ -391,23 +397,30 @@ class GradientEngine:
         fb = {f"model.{n}": self._state[n].detach() for n in self.fallback}
         wrapper, task = self._wrapper, self.task
 
-        # vmap maps over the batch's tensors as lists, and each sample's batch is rebuilt in its own
-        # containers: torch.func cannot map over containers it does not know (UserDict, BatchEncoding)
-        def loss_one(fb_params: dict[str, Tensor], xs: list[Tensor], ys: list[Tensor]) -> Tensor:
-            x, y = with_tensors(inputs, xs), with_tensors(targets, ys)
-            out = functional_call(wrapper, fb_params, (_unsqueeze0(x),))
-            return task.per_sample_loss(out, _unsqueeze0(y))[0]
-
+        if _module._global_backward_hooks or _module._global_backward_pre_hooks:
+            raise InputError(f"a global module backward hook is registered: torch.func's vmap(grad), which "
+                             f"{', '.join(self.fallback)} need, cannot run through it; remove it while scoring")
         for what, obj in (("inputs", inputs), ("targets", targets)):
-            other = sorted({type(v).__name__ for v in leaves_in(obj) if not isinstance(v, Tensor)})
+            other = sorted({type(v).__name__ for v in leaves_in(obj) if v is not None and not isinstance(v, Tensor)})
             if other:
                 raise InputError(f"the batch's {what} hold {', '.join(other)} values besides tensors: the vmap(grad) "
                                  f"fallback for {', '.join(self.fallback)} maps over every entry of a batch, one "
                                  "sample at a time, so each must be a tensor with the batch as its first dimension")
         P = sum(v.numel() for v in fb.values())
         chunk = max(1, _VMAP_BYTES // max(1, P * self.dtype.itemsize))
-        per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0), chunk_size=chunk if chunk < B else None)
-        g = safe_call(self.model, lambda x: per_sample(fb, tensors_in(x), tensors_in(targets)), inputs)
+
+        def per_sample(x: Any) -> dict[str, Tensor]:
+            # vmap maps over the batch's tensors as lists, and each sample's batch is rebuilt in its own
+            # containers: torch.func cannot map over containers it does not know (UserDict, BatchEncoding)
+            def loss_one(fb_params: dict[str, Tensor], xs: list[Tensor], ys: list[Tensor]) -> Tensor:
+                xi, yi = with_tensors(x, xs), with_tensors(targets, ys)
+                out = functional_call(wrapper, fb_params, (_unsqueeze0(xi),))
+                return task.per_sample_loss(out, _unsqueeze0(yi))[0]
+
+            return vmap(grad(loss_one), in_dims=(None, 0, 0), chunk_size=chunk if chunk < B else None)(
+                fb, tensors_in(x), tensors_in(targets))
+
+        g = safe_call(self.model, per_sample, inputs)
         return DenseBlock(torch.cat([g[f"model.{n}"].reshape(B, -1) for n in self.fallback], 1), list(self.fallback),
                           [self._state[n].numel() for n in self.fallback])
 

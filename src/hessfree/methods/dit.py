@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from hessfree.datasets import iter_batches, to_device
 from hessfree.errors import InputError
-from hessfree.grads.engine import _TaskModule
+from hessfree.grads.engine import CallWrapper, _TaskModule
 from hessfree.queries import Query, resolve_query
 from hessfree.run import Run, _require_trajectory, check_replay_dataset, check_trajectory_model, replay_states, \
     unflatten
@@ -47,7 +47,7 @@ MODES = ("delta", "window_removal")
 
 
 # ----------------------------------------------------------------------------- functional view
-class _QueryModule(nn.Module):
+class _QueryModule(CallWrapper):
     def __init__(self, model: nn.Module, query: Query, task: Any):
         super().__init__()
         self.model, self.query, self.task = model, query, task

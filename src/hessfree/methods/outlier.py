@@ -136,8 +136,8 @@ def outlier_scores(run_or_model: Run | nn.Module, train_dataset: Dataset, *, det
 
 
 _NO_CLOSED_FORM = ("gradient_path='closed_form' needs the selected parameters to be the weight and/or bias of one "
-                   "nn.Linear whose output is the model output, under loss 'cross_entropy' or 'bce'; use "
-                   "gradient_path='auto' to fall back to the gradient engine")
+                   "nn.Linear whose output is the model output, under loss 'cross_entropy' or 'bce', with no "
+                   "global module hooks registered; use gradient_path='auto' to fall back to the gradient engine")
 
 
 class _Collector:
