@@ -75,6 +75,10 @@ def outlier_scores(run_or_model: Run | nn.Module, train_dataset: Dataset, *, det
         gradient_path: ``"auto"`` (closed form when it applies, else the engine),
             ``"closed_form"`` (refuse if it does not apply), ``"engine"``, or ``"vmap"`` (the
             ``torch.func`` reference path).
+        batch_size: samples per forward (and backward) pass. A linear model (a bare ``nn.Linear``
+            or an ``nn.Sequential`` holding only it) on a ``TensorDataset`` takes its closed-form
+            L1 / L2 many batches per pass (about 64 MB of inputs at most): it keeps nothing per
+            sample but the logits.
     """
     t0 = time.perf_counter()
     name, det = _check_detector(detector, reference, detector_options)
