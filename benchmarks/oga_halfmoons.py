@@ -91,11 +91,12 @@ def build(seed: int) -> nn.Module:
 RESTART_STRIDE = 1000  # init seeds of the restarts: b, b + 1000, b + 2000, ...
 
 
-def train(models: list[nn.Module], data, epochs: int) -> list[nn.Module]:
+def train(models: list[nn.Module], data, epochs: int, sigmoid_bce: bool = False) -> list[nn.Module]:
     """Full-batch Adam (the paper's optimiser; hessfree.fit is plain SGD) on several models of
     :func:`build` at once: their parameters are stacked and the summed loss is minimised, so each
     model gets exactly its own Adam trajectory (Adam and its weight decay act element-wise), up to
-    rounding. The models are updated in place and returned in eval mode."""
+    rounding. The models are updated in place and returned in eval mode. ``sigmoid_bce``: the
+    loss as the authors' code forms it, ``BCELoss(sigmoid(z))``, instead of BCE on the logit."""
     X, y = _tensors(data)
     R = len(models)
     with torch.no_grad():
@@ -108,7 +109,9 @@ def train(models: list[nn.Module], data, epochs: int) -> list[nn.Module]:
         h = torch.relu(torch.baddbmm(b[0][:, None, :], Xr, W[0].transpose(1, 2)))
         h = torch.relu(torch.baddbmm(b[1][:, None, :], h, W[1].transpose(1, 2)))
         z = torch.bmm(h, W[2].transpose(1, 2)).squeeze(-1)
-        nn.functional.binary_cross_entropy_with_logits(z, yr, reduction="none").mean(1).sum().backward()
+        loss = (nn.functional.binary_cross_entropy(torch.sigmoid(z), yr, reduction="none") if sigmoid_bce else
+                nn.functional.binary_cross_entropy_with_logits(z, yr, reduction="none"))
+        loss.mean(1).sum().backward()
         opt.step()
     with torch.no_grad():
         for r, m in enumerate(models):
@@ -120,12 +123,12 @@ def train(models: list[nn.Module], data, epochs: int) -> list[nn.Module]:
     return models
 
 
-def train_best(init: int, data, epochs: int, restarts: int) -> tuple[nn.Module, dict]:
+def train_best(init: int, data, epochs: int, restarts: int, sigmoid_bce: bool = False) -> tuple[nn.Module, dict]:
     """Train ``restarts`` initialisations (init seeds init + 1000 r) and keep the one with the
     lowest training loss on the given labels; with its record (every restart's loss, and the
     share of training points whose last-layer input is 0: 1.0 = a dead network)."""
     seeds = [init + RESTART_STRIDE * r for r in range(restarts)]
-    models = train([build(s) for s in seeds], data, epochs)
+    models = train([build(s) for s in seeds], data, epochs, sigmoid_bce)
     X, y = _tensors(data)
     with torch.no_grad():
         losses = [float(nn.functional.binary_cross_entropy_with_logits(m(X).reshape(-1), y)) for m in models]
