@@ -231,6 +231,47 @@ def test_subset_sample_ids(tmp_path):
         np.testing.assert_allclose(s.values, plain.values, rtol=1e-6)
 
 
+def test_subset_batches_are_the_rows_of_its_tensor_dataset():
+    """A Subset chain over a TensorDataset (random_split's output) is batched by indexing the
+    tensors, not item by item: the same batches as collating its items, for list, ndarray, tensor
+    and range indices, in dataset or any order."""
+    from torch.utils.data import default_collate
+
+    from hessfree.datasets import iter_batches
+
+    base = tabular(n=30, seed=0)
+    rng = np.random.default_rng(0)
+    for indices in ([27, 3, 14, 8, 21, 0, 11, 5, 6], np.array([27, 3, 14, 8, 21, 0, 11, 5, 6]),
+                    torch.tensor([27, 3, 14, 8, 21, 0, 11, 5, 6]), range(12, 21)):
+        for sub in (Subset(base, indices), Subset(Subset(base, indices), [8, 0, 3, 3, 5, 1])):
+            for order in (None, rng.permutation(len(sub))):
+                batches = list(iter_batches(sub, 4, order))
+                assert sum(len(p) for p, _ in batches) == len(sub)
+                for pos, batch in batches:
+                    want = default_collate([sub[int(i)] for i in pos])
+                    assert len(batch) == 2 and all(torch.equal(a, b) for a, b in zip(batch, want))
+
+
+def test_tensor_dataset_subclass_items_go_through_its_getitem():
+    """A TensorDataset subclass with its own __getitem__ (a transform) is read item by item, never
+    by indexing its tensors past the transform (before, scores ignored the transform)."""
+    class Doubled(TensorDataset):
+        def __getitem__(self, i):
+            x, y = super().__getitem__(i)
+            return 2 * x, y
+
+    x, y = tabular(n=20, seed=1).tensors
+    model = mlp(0)
+    run = hessfree.Run.from_checkpoints(model, [model.state_dict()], [1.0], loss="cross_entropy")
+    for ds, plain in ((Doubled(x, y), TensorDataset(2 * x, y)), (Subset(Doubled(x, y), [4, 1, 9]),
+                                                                  TensorDataset(2 * x[[4, 1, 9]], y[[4, 1, 9]]))):
+        np.testing.assert_allclose(hessfree.self_influence(run, ds, batch_size=8, **Q).values,
+                                   hessfree.self_influence(run, plain, batch_size=8, **Q).values, rtol=1e-6)
+        np.testing.assert_allclose(hessfree.outlier_scores(run, ds, detector="l2", batch_size=8, **Q).values,
+                                   hessfree.outlier_scores(run, plain, detector="l2", batch_size=8, **Q).values,
+                                   rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------- from_checkpoints
 @pytest.fixture(scope="module")
 def two_states():

@@ -45,12 +45,38 @@ def as_index(positions: np.ndarray) -> slice | np.ndarray:
     return positions
 
 
+def is_plain_tensor_dataset(dataset: Any) -> bool:
+    """A TensorDataset whose items are its tensors' rows (no ``__getitem__`` of a subclass, such
+    as a transform, that indexing the tensors directly would skip)."""
+    return isinstance(dataset, TensorDataset) and type(dataset).__getitem__ is TensorDataset.__getitem__
+
+
+def _through_subsets(dataset: Dataset, positions: np.ndarray) -> tuple[Dataset, np.ndarray]:
+    """(the dataset under a chain of Subsets, the positions in it); only the batch's indices are
+    looked up, so a long ``indices`` list is never converted as a whole."""
+    idx = positions
+    while isinstance(dataset, Subset):
+        ind = dataset.indices
+        if isinstance(ind, Tensor):
+            idx = ind[torch.as_tensor(idx, device=ind.device)].cpu().numpy().astype(np.int64)
+        elif isinstance(ind, np.ndarray):
+            idx = ind[idx].astype(np.int64)
+        else:
+            idx = np.fromiter((ind[int(i)] for i in idx), dtype=np.int64, count=len(idx))
+        dataset = dataset.dataset
+    return dataset, idx
+
+
 def _fetch(dataset: Dataset, positions: np.ndarray, contiguous: bool = False) -> Any:
-    if isinstance(dataset, TensorDataset):
-        idx = slice(int(positions[0]), int(positions[-1]) + 1) if contiguous else as_index(positions)
-        if isinstance(idx, np.ndarray):
-            idx = torch.as_tensor(idx)
-        return tuple(t[idx] for t in dataset.tensors)
+    base, idx = dataset, positions
+    if isinstance(dataset, Subset):  # e.g. random_split: its rows, not one item at a time
+        base, idx = _through_subsets(dataset, positions)
+        contiguous = False
+    if is_plain_tensor_dataset(base):
+        index = slice(int(idx[0]), int(idx[-1]) + 1) if contiguous else as_index(idx)
+        if isinstance(index, np.ndarray):
+            index = torch.as_tensor(index)
+        return tuple(t[index] for t in base.tensors)
     return default_collate([dataset[int(i)] for i in positions])
 
 

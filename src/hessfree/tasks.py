@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 
-from hessfree.datasets import iter_batches, map_tensors, tensors_in
+from hessfree.datasets import is_plain_tensor_dataset, iter_batches, map_tensors, tensors_in
 from hessfree.errors import InputError, LabelError
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ def check_dataset_labels(task: Task, forward: Callable[[Any], Tensor], prepare: 
     with torch.no_grad():
         outputs = forward(inputs)
     task.validate(outputs, targets, ids[: len(outputs)])
-    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
+    if is_plain_tensor_dataset(dataset) and len(dataset.tensors) == 2:
         labels = dataset.tensors[1]
         task.validate(outputs[:1].expand(len(labels), *outputs.shape[1:]), labels, ids)
         return True

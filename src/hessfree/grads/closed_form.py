@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import TensorDataset
 
+from hessfree.datasets import is_plain_tensor_dataset
 from hessfree.grads.stacked import plain_calls, plain_module
 from hessfree.tasks import BCEWithLogits, CrossEntropy, Task, safe_call
 
@@ -294,7 +294,7 @@ class HeadNorms:
         small head (``benchmarks/oga_speed.py``). The values do not depend on the step: every
         operation is row by row."""
         mod = self.head.module
-        if not (self.head.linear_model and isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2
+        if not (self.head.linear_model and is_plain_tensor_dataset(dataset) and len(dataset.tensors) == 2
                 and dataset.tensors[0].ndim == 2 and (isinstance(self.head.task, CrossEntropy) or mod.out_features == 1)):
             return batch_size  # (and where the closed form may turn out not to apply, the engine's batch stays small)
         rows = min(-(-self._FLUSH_ELEMENTS // mod.out_features),

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from hessfree.datasets import iter_batches, to_device
+from hessfree.datasets import is_plain_tensor_dataset, iter_batches, to_device
 from hessfree.errors import InputError
 from hessfree.grads.engine import CallWrapper, _TaskModule
 from hessfree.queries import Query, resolve_query
@@ -80,7 +80,7 @@ class FunctionalRun:
     def batch(self, t: int) -> tuple[Any, Any, np.ndarray]:
         """(inputs, targets, dataset positions) of step t, cast to ``dtype``."""
         pos = self.log.positions[t]
-        if self._tensors is None and isinstance(self.dataset, TensorDataset):
+        if self._tensors is None and is_plain_tensor_dataset(self.dataset):
             # one cast of the whole (small) tensor dataset instead of one per step
             self._tensors = [to_device(v, self.device, self.dtype) for v in self.dataset.tensors]
         if self._tensors is not None:
