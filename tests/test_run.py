@@ -242,7 +242,8 @@ def test_subset_batches_are_the_rows_of_its_tensor_dataset():
     base = tabular(n=30, seed=0)
     rng = np.random.default_rng(0)
     for indices in ([27, 3, 14, 8, 21, 0, 11, 5, 6], np.array([27, 3, 14, 8, 21, 0, 11, 5, 6]),
-                    torch.tensor([27, 3, 14, 8, 21, 0, 11, 5, 6]), range(12, 21)):
+                    torch.tensor([27, 3, 14, 8, 21, 0, 11, 5, 6]), range(12, 21),
+                    range(-9, 0), [-1, 0, 1, 2, -2, -3, 4, 5, 6], [np.int32(4), torch.tensor(7), 8, 9, 10, 11, 12, 13, 14]):
         for sub in (Subset(base, indices), Subset(Subset(base, indices), [8, 0, 3, 3, 5, 1])):
             for order in (None, rng.permutation(len(sub))):
                 batches = list(iter_batches(sub, 4, order))
@@ -250,6 +251,21 @@ def test_subset_batches_are_the_rows_of_its_tensor_dataset():
                 for pos, batch in batches:
                     want = default_collate([sub[int(i)] for i in pos])
                     assert len(batch) == 2 and all(torch.equal(a, b) for a, b in zip(batch, want))
+
+
+def test_subset_indices_out_of_range_or_not_integers_are_refused():
+    """Out-of-range Subset indices raise as item-by-item indexing would (a contiguous run past the
+    end must not be cut short by a slice); float indices are refused, not truncated."""
+    from hessfree.datasets import iter_batches
+    from hessfree.errors import InputError
+
+    base = tabular(n=30, seed=0)
+    for indices in (list(range(25, 35)), [-31], np.arange(28, 33)):
+        with pytest.raises(IndexError, match="out of range"):
+            list(iter_batches(Subset(base, indices), 4))
+    for indices in ([1.7, 2.2], np.array([1.0, 2.0]), torch.tensor([1.0, 2.0])):
+        with pytest.raises(InputError, match="integers"):
+            list(iter_batches(Subset(base, indices), 4))
 
 
 def test_tensor_dataset_subclass_items_go_through_its_getitem():
@@ -260,11 +276,20 @@ def test_tensor_dataset_subclass_items_go_through_its_getitem():
             x, y = super().__getitem__(i)
             return 2 * x, y
 
+    class ShiftedSplit(Subset):  # a transform on a split
+        def __getitem__(self, i):
+            x, y = super().__getitem__(i)
+            return x - 10.0, y
+
+        def __getitems__(self, idx):
+            return [self[i] for i in idx]
+
     x, y = tabular(n=20, seed=1).tensors
     model = mlp(0)
     run = hessfree.Run.from_checkpoints(model, [model.state_dict()], [1.0], loss="cross_entropy")
-    for ds, plain in ((Doubled(x, y), TensorDataset(2 * x, y)), (Subset(Doubled(x, y), [4, 1, 9]),
-                                                                  TensorDataset(2 * x[[4, 1, 9]], y[[4, 1, 9]]))):
+    for ds, plain in ((Doubled(x, y), TensorDataset(2 * x, y)),
+                      (Subset(Doubled(x, y), [4, 1, 9]), TensorDataset(2 * x[[4, 1, 9]], y[[4, 1, 9]])),
+                      (ShiftedSplit(TensorDataset(x, y), [4, 1, 9]), TensorDataset(x[[4, 1, 9]] - 10.0, y[[4, 1, 9]]))):
         np.testing.assert_allclose(hessfree.self_influence(run, ds, batch_size=8, **Q).values,
                                    hessfree.self_influence(run, plain, batch_size=8, **Q).values, rtol=1e-6)
         np.testing.assert_allclose(hessfree.outlier_scores(run, ds, detector="l2", batch_size=8, **Q).values,

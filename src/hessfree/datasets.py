@@ -5,6 +5,7 @@ chain of them) they are the indices into the underlying dataset, so users never 
 """
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
@@ -51,27 +52,50 @@ def is_plain_tensor_dataset(dataset: Any) -> bool:
     return isinstance(dataset, TensorDataset) and type(dataset).__getitem__ is TensorDataset.__getitem__
 
 
+def _plain_subset(dataset: Any) -> bool:
+    """A Subset whose items are its dataset's items (no ``__getitem__`` / ``__getitems__`` of a
+    subclass, such as a transform on a split, that looking through it would skip)."""
+    t = type(dataset)
+    return (isinstance(dataset, Subset) and t.__getitem__ is Subset.__getitem__
+            and getattr(t, "__getitems__", None) is getattr(Subset, "__getitems__", None))
+
+
 def _through_subsets(dataset: Dataset, positions: np.ndarray) -> tuple[Dataset, np.ndarray]:
-    """(the dataset under a chain of Subsets, the positions in it); only the batch's indices are
-    looked up, so a long ``indices`` list is never converted as a whole."""
+    """(the dataset under a chain of plain Subsets, the positions in it); only the batch's indices
+    are looked up, so a long ``indices`` list is never converted as a whole."""
     idx = positions
-    while isinstance(dataset, Subset):
+    while _plain_subset(dataset):
         ind = dataset.indices
         if isinstance(ind, Tensor):
+            if ind.dtype.is_floating_point or ind.dtype.is_complex or ind.dtype == torch.bool:
+                raise InputError(f"Subset indices must be integers, got a {ind.dtype} tensor")
             idx = ind[torch.as_tensor(idx, device=ind.device)].cpu().numpy().astype(np.int64)
         elif isinstance(ind, np.ndarray):
+            if not np.issubdtype(ind.dtype, np.integer):
+                raise InputError(f"Subset indices must be integers, got an array of {ind.dtype}")
             idx = ind[idx].astype(np.int64)
         else:
-            idx = np.fromiter((ind[int(i)] for i in idx), dtype=np.int64, count=len(idx))
+            try:
+                idx = np.fromiter((operator.index(ind[int(i)]) for i in idx), dtype=np.int64, count=len(idx))
+            except TypeError as exc:
+                raise InputError(f"Subset indices must be integers: {exc}") from exc
         dataset = dataset.dataset
     return dataset, idx
 
 
 def _fetch(dataset: Dataset, positions: np.ndarray, contiguous: bool = False) -> Any:
     base, idx = dataset, positions
-    if isinstance(dataset, Subset):  # e.g. random_split: its rows, not one item at a time
+    if _plain_subset(dataset):  # e.g. random_split: its rows, not one item at a time
         base, idx = _through_subsets(dataset, positions)
         contiguous = False
+        if is_plain_tensor_dataset(base) and len(idx):
+            n = len(base)
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < -n or hi >= n:  # as indexing item by item would refuse (a slice would cut it short)
+                bad = lo if lo < -n else hi
+                raise IndexError(f"Subset index {bad} is out of range for its TensorDataset of {n} samples")
+            if lo < 0:  # Python's negative indices, made explicit so that a run of them is no slice
+                idx = np.where(idx < 0, idx + n, idx)
     if is_plain_tensor_dataset(base):
         index = slice(int(idx[0]), int(idx[-1]) + 1) if contiguous else as_index(idx)
         if isinstance(index, np.ndarray):
