@@ -303,9 +303,20 @@ def test_label_error_names_subset_id_during_scoring(run, data):
     x, y = data.tensors
     y = y.clone()
     y[17] = 9
-    sub = Subset(TensorDataset(x, y), [3, 17, 5])  # not a TensorDataset: caught batch by batch
+    sub = Subset(TensorDataset(x, y), [3, 17, 5])  # all its labels checked up front, through the Subset's rows
     with pytest.raises(LabelError, match="sample id 17 "):
         hessfree.self_influence(run, sub, batch_size=1, **Q)
+
+
+def test_fit_on_a_subset_names_a_bad_label_past_the_first_batch(data):
+    """Every label of a Subset over a TensorDataset is checked before training, not only those of
+    the first batch (a bad one later raised cross_entropy's raw IndexError)."""
+    x, y = data.tensors
+    y = y.clone()
+    y[17] = 9
+    order = [0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 17, 13]
+    with pytest.raises(LabelError, match="sample id 17 "):
+        hessfree.fit(mlp(0), Subset(TensorDataset(x, y), order), batch_size=4, **Q)
 
 
 def test_loss_target_label_error_names_sample_id(run, data):

@@ -83,25 +83,36 @@ def _through_subsets(dataset: Dataset, positions: np.ndarray) -> tuple[Dataset, 
     return dataset, idx
 
 
+def tensor_rows(dataset: Dataset, positions: np.ndarray) -> tuple[TensorDataset, np.ndarray] | None:
+    """(the plain TensorDataset under ``dataset``, the rows of ``positions`` in it), through a
+    chain of plain Subsets; None when items must be read one at a time. Out-of-range indices
+    raise as indexing item by item would; negative ones are made explicit."""
+    base, idx = dataset, np.asarray(positions, dtype=np.int64)
+    if _plain_subset(dataset):
+        base, idx = _through_subsets(dataset, idx)
+    if not is_plain_tensor_dataset(base):
+        return None
+    if base is not dataset and len(idx):
+        n = len(base)
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < -n or hi >= n:  # (a slice over a contiguous run would cut it short instead)
+            raise IndexError(f"Subset index {lo if lo < -n else hi} is out of range for its TensorDataset of "
+                             f"{n} samples")
+        if lo < 0:  # Python's negative indices, made explicit so that a run of them is no slice
+            idx = np.where(idx < 0, idx + n, idx)
+    return base, idx
+
+
 def _fetch(dataset: Dataset, positions: np.ndarray, contiguous: bool = False) -> Any:
-    base, idx = dataset, positions
-    if _plain_subset(dataset):  # e.g. random_split: its rows, not one item at a time
-        base, idx = _through_subsets(dataset, positions)
-        contiguous = False
-        if is_plain_tensor_dataset(base) and len(idx):
-            n = len(base)
-            lo, hi = int(idx.min()), int(idx.max())
-            if lo < -n or hi >= n:  # as indexing item by item would refuse (a slice would cut it short)
-                bad = lo if lo < -n else hi
-                raise IndexError(f"Subset index {bad} is out of range for its TensorDataset of {n} samples")
-            if lo < 0:  # Python's negative indices, made explicit so that a run of them is no slice
-                idx = np.where(idx < 0, idx + n, idx)
-    if is_plain_tensor_dataset(base):
-        index = slice(int(idx[0]), int(idx[-1]) + 1) if contiguous else as_index(idx)
-        if isinstance(index, np.ndarray):
-            index = torch.as_tensor(index)
-        return tuple(t[index] for t in base.tensors)
-    return default_collate([dataset[int(i)] for i in positions])
+    rows = tensor_rows(dataset, positions)  # a Subset chain (e.g. random_split): its rows, not item by item
+    if rows is None:
+        return default_collate([dataset[int(i)] for i in positions])
+    base, idx = rows
+    whole_run = contiguous and base is dataset
+    index = slice(int(idx[0]), int(idx[-1]) + 1) if whole_run else as_index(idx)
+    if isinstance(index, np.ndarray):
+        index = torch.as_tensor(index)
+    return tuple(t[index] for t in base.tensors)
 
 
 def iter_batches(dataset: Dataset, batch_size: int, order: np.ndarray | None = None

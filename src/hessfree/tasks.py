@@ -11,13 +11,14 @@ import logging
 import weakref
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torch.utils.data import Dataset
 
-from hessfree.datasets import is_plain_tensor_dataset, iter_batches, map_tensors, tensors_in
+from hessfree.datasets import iter_batches, map_tensors, tensor_rows, tensors_in
 from hessfree.errors import InputError, LabelError
 
 log = logging.getLogger(__name__)
@@ -233,16 +234,19 @@ def check_dataset_labels(task: Task, forward: Callable[[Any], Tensor], prepare: 
                          dataset: Dataset, ids: Any) -> bool:
     """Validate a dataset's labels against the loss before any expensive loop starts.
 
-    One small forward pass gives the output shape; a ``TensorDataset`` of (x, y) then has ALL its
-    labels checked at once, other datasets their first batch (later batches are checked as they come).
+    One small forward pass gives the output shape; a ``TensorDataset`` of (x, y), or a chain of
+    Subsets over one, then has ALL its labels checked at once, other datasets their first batch
+    (later batches are checked as they come).
     """
     _, first = next(iter_batches(dataset, 8))
     inputs, targets = prepare(first)
     with torch.no_grad():
         outputs = forward(inputs)
     task.validate(outputs, targets, ids[: len(outputs)])
-    if is_plain_tensor_dataset(dataset) and len(dataset.tensors) == 2:
-        labels = dataset.tensors[1]
+    rows = tensor_rows(dataset, np.arange(len(ids)))  # a TensorDataset, or a Subset chain over one
+    if rows is not None and len(rows[0].tensors) == 2:
+        base, idx = rows
+        labels = base.tensors[1] if base is dataset else base.tensors[1][torch.as_tensor(idx)]
         task.validate(outputs[:1].expand(len(labels), *outputs.shape[1:]), labels, ids)
         return True
     return False
