@@ -149,26 +149,20 @@ def map_tensors(fn: Callable[[Tensor], Any], obj: Any) -> Any:
     return obj
 
 
-def tensors_in(obj: Any) -> list[Tensor]:
-    """Every tensor in a (nested) batch, in order (the containers :func:`map_tensors` walks, none
-    of them rebuilt)."""
-    if isinstance(obj, Tensor):
-        return [obj]
-    if isinstance(obj, Mapping):
-        obj = obj.values()
-    elif not isinstance(obj, (list, tuple)):
-        return []
-    return [t for v in obj for t in tensors_in(v)]
-
-
 def leaves_in(obj: Any) -> list[Any]:
     """Everything in a (nested) batch that is not one of the containers :func:`map_tensors`
-    walks (tensors, and anything else: numbers, strings, None), in :func:`tensors_in` order."""
+    walks (tensors, and anything else: numbers, strings, None), in the order it visits them, no
+    container rebuilt."""
     if isinstance(obj, Mapping):
         obj = obj.values()
     elif not isinstance(obj, (list, tuple)):
         return [obj]
     return [t for v in obj for t in leaves_in(v)]
+
+
+def tensors_in(obj: Any) -> list[Tensor]:
+    """Every tensor in a (nested) batch, in :func:`map_tensors` order."""
+    return [t for t in leaves_in(obj) if isinstance(t, Tensor)]
 
 
 def with_tensors(template: Any, tensors: list[Any]) -> Any:
