@@ -129,13 +129,20 @@ def train_best(init: int, data, epochs: int, restarts: int, sigmoid_bce: bool = 
     share of training points whose last-layer input is 0: 1.0 = a dead network)."""
     seeds = [init + RESTART_STRIDE * r for r in range(restarts)]
     models = train([build(s) for s in seeds], data, epochs, sigmoid_bce)
+    losses, dead = fit_stats(models, data)
+    best = int(np.argmin(losses))
+    return models[best], {"init_seeds": seeds, "chosen": best, "train_losses": losses,
+                          "share_zero_last_layer_input": dead}
+
+
+def fit_stats(models: list[nn.Module], data) -> tuple[list[float], list[float]]:
+    """Per trained model: its training loss on the given labels (BCE on the logit), and the share
+    of training points whose last-layer input is exactly 0 (1.0 = a dead network)."""
     X, y = _tensors(data)
     with torch.no_grad():
         losses = [float(nn.functional.binary_cross_entropy_with_logits(m(X).reshape(-1), y)) for m in models]
         dead = [float((m[:4](X).abs().sum(1) == 0).float().mean()) for m in models]
-    best = int(np.argmin(losses))
-    return models[best], {"init_seeds": seeds, "chosen": best, "train_losses": losses,
-                          "share_zero_last_layer_input": dead}
+    return losses, dead
 
 
 def _tensors(data):
