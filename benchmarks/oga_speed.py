@@ -35,7 +35,10 @@ median over repeats (the steady-state cost of each path). Cold time: the median 
 the first call, right after a full garbage collection and the other configurations' calls (until
 the warm calls were added, every call of this benchmark was timed that way). Both are reported;
 the cold one is slower by a few milliseconds whatever the path (the JSON has both), which weighs
-on a closed-form call of a few milliseconds and hardly on a vmap call. Acceptance (issue):
+on a closed-form call of a few milliseconds and hardly on a vmap call. An *idle probe* after the
+repeats times the bare ``model(X)`` (no hessfree) and the closed-form L2 call back to back and
+right after a 50 ms ``time.sleep`` (no gc, no other work), to tell the machine's share of that
+penalty from the code's. Acceptance (issue):
 closed-form L1 / L2 at least 20x faster than the vmap path; the JSON says PASS / FAIL under each
 timing.
 
@@ -233,6 +236,52 @@ class Config:
                 "gradients_s": self.gradients_s, "detector_s": self.detector_s}
 
 
+IDLE_S, IDLE_REPS = 0.05, 9  # the idle probe: pause before a call, and calls per timing
+
+
+def idle_probe(model: nn.Module, ds: TensorDataset, batch_size: int) -> dict[str, Any]:
+    """Is the cold penalty the code's or the machine's? Each call is timed back to back (right
+    after the same call) and right after ``time.sleep(IDLE_S)`` (no gc.collect, no other work):
+    a label range check over all N labels (``((y < 0) | (y >= C)).any()``: three tiny torch ops,
+    run by torch's thread pool), ``np.arange(N)`` (one NumPy thread, no torch), the bare
+    ``model(X)`` over all N in one call under no_grad (no hessfree; for the head, one matmul),
+    and hessfree's closed-form L2. Medians over IDLE_REPS."""
+    X, y = ds.tensors
+    model.eval()
+    n_classes = model[-1].out_features
+
+    def label_check() -> None:
+        bool(((y < 0) | (y >= n_classes)).any())
+
+    def numpy_arange() -> None:
+        np.arange(len(X))
+
+    def bare() -> None:
+        with torch.no_grad():
+            model(X)
+
+    def closed_form() -> None:
+        hessfree.outlier_scores(model, ds, detector="l2", params="last_layer_weight", gradient_path="closed_form",
+                                batch_size=batch_size, loss="cross_entropy", random_state=0, progress=False)
+
+    out: dict[str, Any] = {"pause_s": IDLE_S, "reps": IDLE_REPS}
+    for name, f in (("label_range_check", label_check), ("numpy_arange", numpy_arange),
+                    ("bare_model_forward_one_call", bare), ("closed_form_l2", closed_form)):
+        back, paused = [], []
+        for _ in range(IDLE_REPS):
+            f()
+            t0 = time.perf_counter()
+            f()
+            back.append(time.perf_counter() - t0)
+            time.sleep(IDLE_S)
+            t0 = time.perf_counter()
+            f()
+            paused.append(time.perf_counter() - t0)
+        out[name] = {"back_to_back_median_s": statistics.median(back), "after_pause_median_s": statistics.median(paused),
+                     "back_to_back_s": back, "after_pause_s": paused}
+    return out
+
+
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     print(f"load average at start: {_loadavg()} on {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()} "
@@ -272,6 +321,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                          "wall_s": time.perf_counter() - w0, "other_processes_cpu_share": share})
         print(f"repeat {r + 1} done ({time.perf_counter() - t_start:.1f} s, load {load_log[-1]['loadavg_after']}, "
               f"other processes used {_f(share, '.0%')} of the CPUs)", flush=True)
+    probe = idle_probe(model, ds, args.batch_size)
     shares = [x["other_processes_cpu_share"] for x in load_log if x["other_processes_cpu_share"] is not None]
     contended = bool(shares) and max(shares) > CONTENDED_SHARE
 
@@ -353,6 +403,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                         "cpu_count": os.cpu_count(), "loadavg_start": load_log[0]["loadavg_before"],
                         "loadavg_end": _loadavg()},
         "results": res,
+        "idle_probe": probe,
         "ratios": ratios,
         "acceptance": acceptance,
         "seconds": time.perf_counter() - t_start,
@@ -399,6 +450,14 @@ def format_table(p: dict[str, Any]) -> str:
         rr = ratios["iforest"]
         lines.append(f"iforest: vmap / closed form = {rr['vmap_over_closed_form_total']:.2f}x total, "
                      f"{rr['vmap_over_closed_form_gradients']:.2f}x in the gradient phase")
+    ip = p.get("idle_probe")
+    if ip:
+        def ms(r: dict) -> str:
+            return f"{1e3 * r['back_to_back_median_s']:.2f} / {1e3 * r['after_pause_median_s']:.2f} ms"
+        lines.append(f"idle probe (ms back to back / right after a {1e3 * ip['pause_s']:.0f} ms sleep, medians of "
+                     f"{ip['reps']}): label range check over all N (torch, no hessfree) "
+                     f"{ms(ip['label_range_check'])}; np.arange(N) {ms(ip['numpy_arange'])}; bare model(X) in one call "
+                     f"{ms(ip['bare_model_forward_one_call'])}; hessfree closed-form L2 {ms(ip['closed_form_l2'])}")
     lines.append("")
     lines.append("median / min: wall clock of the whole outlier_scores call, warm (per repeat the median of "
                  f"{p['measurement']['inner']} back-to-back calls, gc off); cold: the first call of each repeat, "
