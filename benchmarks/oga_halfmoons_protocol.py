@@ -22,7 +22,7 @@ weight, exactly 25 flagged, mean ± std over the 10 data seeds.
 
 Usage::
 
-    .venv/bin/python benchmarks/oga_halfmoons_protocol.py    # about 4.5 min; writes benchmarks/results/oga_halfmoons_protocol.json
+    .venv/bin/python benchmarks/oga_halfmoons_protocol.py    # about 4 min; writes benchmarks/results/oga_halfmoons_protocol.json
     .venv/bin/python benchmarks/oga_halfmoons_protocol.py --init-seeds 0 --out /tmp/p.json   # without the init sweep, about 1.5 min
 """
 from __future__ import annotations
@@ -61,6 +61,25 @@ DEAD = 0.3  # a training counts as dead when at least this share of the training
 RESTARTS = 10  # group size of the restart rule applied to the init sweep (the benchmark's default --restarts)
 
 
+def _corr(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Pearson correlation, or None where it is undefined (fewer than 3 values, or a constant one)."""
+    if len(a) < 3 or np.std(a) == 0 or np.std(b) == 0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _random_flagging_accuracy() -> float:
+    """Expected detection accuracy of k flags drawn at random: E[found] = k F / N flips found, and
+    accuracy = (N − (k − found) − (F − found)) / N."""
+    n, f = 2 * hm.N_PER_CLASS, 2 * hm.FLIPS_PER_CLASS
+    found = hm.K * f / n
+    return (n - (hm.K - found) - (f - found)) / n
+
+
+def _pct(x: float | None, unit: str = "%") -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}{unit}"
+
+
 def sweep_summary(acc: np.ndarray, found: np.ndarray, loss: np.ndarray, dead: np.ndarray) -> dict:
     """acc, found, loss, dead: (data seeds, init seeds) arrays from the init sweep."""
     per_init = acc.mean(0)
@@ -76,8 +95,14 @@ def sweep_summary(acc: np.ndarray, found: np.ndarray, loss: np.ndarray, dead: np
            "share_of_inits_reaching_0.89": float((per_init >= 0.89).mean()),
            "flipped_found_mean": float(found.mean()),
            "corr_train_loss_detection_accuracy_per_data_seed": [
-               float(np.corrcoef(loss[s], acc[s])[0, 1]) if n_inits > 2 else None for s in range(n_seeds)],
+               _corr(loss[s], acc[s]) for s in range(n_seeds)],
+           "corr_train_loss_detection_accuracy_alive_only_per_data_seed": [
+               _corr(loss[s][~is_dead[s]], acc[s][~is_dead[s]]) for s in range(n_seeds)],
            "dead_threshold_share_zero_last_layer_input": DEAD,
+           "inits_fully_dead_on_every_data_seed": [int(i) for i in np.flatnonzero((dead == 1.0).all(0))],
+           "detection_accuracy_inits_fully_dead_on_every_data_seed": (
+               float(per_init[(dead == 1.0).all(0)].mean()) if (dead == 1.0).all(0).any() else None),
+           "random_flagging_expected_detection_accuracy": _random_flagging_accuracy(),
            "share_of_trainings_dead": float(is_dead.mean()),
            "detection_accuracy_dead": float(acc[is_dead].mean()) if is_dead.any() else None,
            "detection_accuracy_alive": float(acc[~is_dead].mean()) if (~is_dead).any() else None,
@@ -90,6 +115,7 @@ def sweep_summary(acc: np.ndarray, found: np.ndarray, loss: np.ndarray, dead: np
         groups.append(float(acc[np.arange(n_seeds), best].mean()))
     out["restart_rule_on_groups_of_10_inits"] = {
         "groups": [f"{g * RESTARTS}..{(g + 1) * RESTARTS - 1}" for g in range(len(groups))],
+        "inits_left_out": n_inits % RESTARTS,
         "detection_accuracy_mean_over_data_seeds_per_group": groups,
         "mean": float(np.mean(groups)) if groups else None, "std": float(np.std(groups)) if groups else None}
     return out
@@ -100,7 +126,8 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--iforest-seeds", type=int, default=20)
     ap.add_argument("--init-seeds", type=int, default=100,
-                    help="single initialisations 0..N-1 of the init sweep (0: no sweep)")
+                    help="single initialisations 0..N-1 of the init sweep (0: no sweep); the restart rule "
+                         "takes them in groups of 10, a remainder is left out")
     ap.add_argument("--epochs", type=int, default=5000)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args()
@@ -156,7 +183,7 @@ def main() -> int:
         lines.append(f"| each of init seeds 0..{args.init_seeds - 1}, BCE on the logit, iForest random_state = data seed | "
                      f"{100 * sw['min']:.1f} to {100 * sw['max']:.1f} (quartiles {100 * sw['q25']:.1f} / "
                      f"{100 * sw['median']:.1f} / {100 * sw['q75']:.1f}); mean {100 * sw['mean_over_inits']:.1f} "
-                     f"(s.e. {100 * (sw['standard_error_over_inits'] or 0):.1f}); "
+                     f"(s.e. {_pct(sw['standard_error_over_inits'], '')}); "
                      f"{100 * sw['share_of_inits_reaching_0.89']:.0f}% of inits reach 89 | {sw['flipped_found_mean']:.1f} |")
         if rr["groups"]:
             lines.append(f"| lowest training loss of each group of {RESTARTS} of those inits ({len(rr['groups'])} groups) | "
@@ -164,11 +191,18 @@ def main() -> int:
         corr = [c for c in sw["corr_train_loss_detection_accuracy_per_data_seed"] if c is not None]
         notes = (f"\nInit sweep: {100 * sw['share_of_trainings_dead']:.0f}% of the trainings end dead (at least "
                  f"{100 * DEAD:.0f}% of the training points give the last layer 0); detection accuracy "
-                 f"{100 * (sw['detection_accuracy_dead'] or 0):.1f}% for those, "
-                 f"{100 * (sw['detection_accuracy_alive'] or 0):.1f}% for the others. ")
+                 f"{_pct(sw['detection_accuracy_dead'])} for those, "
+                 f"{_pct(sw['detection_accuracy_alive'])} for the others. ")
         if corr:
             notes += (f"Correlation over inits of the training loss (given labels) with the detection accuracy, "
-                      f"per data seed: {min(corr):.2f} to {max(corr):.2f} (median {np.median(corr):.2f}).")
+                      f"per data seed: {min(corr):.2f} to {max(corr):.2f} (median {np.median(corr):.2f})")
+            alive = [c for c in sw["corr_train_loss_detection_accuracy_alive_only_per_data_seed"] if c is not None]
+            notes += (f"; over the other trainings only: {min(alive):.2f} to {max(alive):.2f}." if alive else ".")
+        if sw["inits_fully_dead_on_every_data_seed"]:
+            notes += (f" Inits dead on every data seed (every training point at 0): "
+                      f"{sw['inits_fully_dead_on_every_data_seed']}, detection accuracy "
+                      f"{_pct(sw['detection_accuracy_inits_fully_dead_on_every_data_seed'])} (random flags: "
+                      f"{_pct(sw['random_flagging_expected_detection_accuracy'])} expected).")
     table = "\n".join(lines) + (notes if args.init_seeds else "")
     print("\n" + table)
     payload = {"benchmark": "oga_halfmoons_protocol",
