@@ -76,7 +76,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import hessfree
-from hessfree.grads.closed_form import residual_norm
+from hessfree.grads.closed_form import HeadCapture, HeadNorms, residual_norm
 from hessfree.io import write_json
 from hessfree.tasks import CrossEntropy
 
@@ -246,8 +246,10 @@ def idle_probe(model: nn.Module, ds: TensorDataset, batch_size: int) -> dict[str
     (``((y < 0) | (y >= C)).any()``: three tiny torch ops, run by torch's thread pool),
     ``np.arange(N)`` (one NumPy thread, no torch), the bare ``model(X)`` over all N in one call,
     the bare forward batch by batch (the ``forward_only`` row), the hand-written loop
-    (``hand_closed_form``, L2) and hessfree's closed-form L2. Medians over IDLE_REPS; their
-    difference is the penalty of a pause."""
+    (``hand_closed_form``, L2) at ``batch_size`` and at the step hessfree's closed form takes
+    (``HeadNorms.rows_per_step``: many batches per step for a linear model), and hessfree's
+    closed-form L2, interleaved. Medians over IDLE_REPS; their difference is the penalty of a
+    pause (and the quartiles of each paused call's excess over the back-to-back median)."""
     X, y = ds.tensors
     model.eval()
     n_classes = model[-1].out_features
@@ -271,30 +273,37 @@ def idle_probe(model: nn.Module, ds: TensorDataset, batch_size: int) -> dict[str
         hessfree.outlier_scores(model, ds, detector="l2", params="last_layer_weight", gradient_path="closed_form",
                                 batch_size=batch_size, loss="cross_entropy", random_state=0, progress=False)
 
+    head = model[-1]
+    step = HeadNorms(HeadCapture(head, str(len(model) - 1), [f"{len(model) - 1}.weight"], CrossEntropy(), model=model),
+                     "l2").rows_per_step(ds, batch_size, X.dtype.itemsize)
     calls = (("label_range_check", label_check), ("numpy_arange", numpy_arange),
              ("bare_model_forward_one_call", bare), ("bare_model_forward_batched", batched),
              ("hand_written_loop_l2", lambda: hand_closed_form(model, ds, batch_size, "l2")),
+             ("hand_written_loop_l2_at_hessfree_step", lambda: hand_closed_form(model, ds, step, "l2")),
              ("closed_form_l2", closed_form))
-    out: dict[str, Any] = {"pause_s": IDLE_S, "reps": IDLE_REPS, "gc": "off in both arms"}
+    out: dict[str, Any] = {"pause_s": IDLE_S, "reps": IDLE_REPS, "gc": "off in both arms", "hessfree_step_rows": step}
+    back: dict[str, list[float]] = {name: [] for name, _ in calls}
+    paused: dict[str, list[float]] = {name: [] for name, _ in calls}
     gc.collect()
     gc.disable()
     try:
-        for name, f in calls:
-            back, paused = [], []
-            for _ in range(IDLE_REPS):
+        for _ in range(IDLE_REPS):  # the calls interleaved, so that a change in the machine's state hits all alike
+            for name, f in calls:
                 f()
                 t0 = time.perf_counter()
                 f()
-                back.append(time.perf_counter() - t0)
+                back[name].append(time.perf_counter() - t0)
                 time.sleep(IDLE_S)
                 t0 = time.perf_counter()
                 f()
-                paused.append(time.perf_counter() - t0)
-            b, a = statistics.median(back), statistics.median(paused)
-            out[name] = {"back_to_back_median_s": b, "after_pause_median_s": a, "penalty_s": a - b,
-                         "back_to_back_s": back, "after_pause_s": paused}
+                paused[name].append(time.perf_counter() - t0)
     finally:
         gc.enable()
+    for name, _ in calls:
+        b, a = statistics.median(back[name]), statistics.median(paused[name])
+        q1, _, q3 = statistics.quantiles([x - b for x in paused[name]], n=4)
+        out[name] = {"back_to_back_median_s": b, "after_pause_median_s": a, "penalty_s": a - b,
+                     "penalty_quartiles_s": [q1, q3], "back_to_back_s": back[name], "after_pause_s": paused[name]}
     return out
 
 
@@ -471,11 +480,15 @@ def format_table(p: dict[str, Any]) -> str:
         names = {"label_range_check": "label range check over all N (torch)", "numpy_arange": "np.arange(N)",
                  "bare_model_forward_one_call": "bare model(X), one call",
                  "bare_model_forward_batched": "bare forward, batch by batch",
-                 "hand_written_loop_l2": "hand-written loop L2", "closed_form_l2": "hessfree closed-form L2"}
+                 "hand_written_loop_l2": "hand-written loop L2",
+                 "hand_written_loop_l2_at_hessfree_step": f"hand-written loop L2 at hessfree's step "
+                                                          f"({ip.get('hessfree_step_rows')} rows)",
+                 "closed_form_l2": "hessfree closed-form L2"}
         parts = [f"{label} {1e3 * ip[k]['back_to_back_median_s']:.2f} / {1e3 * ip[k]['after_pause_median_s']:.2f} "
-                 f"(+{1e3 * ip[k]['penalty_s']:.2f})" for k, label in names.items() if k in ip]
+                 f"(+{1e3 * ip[k]['penalty_s']:.2f}, quartiles {1e3 * ip[k]['penalty_quartiles_s'][0]:+.2f} to "
+                 f"{1e3 * ip[k]['penalty_quartiles_s'][1]:+.2f})" for k, label in names.items() if k in ip]
         lines.append(f"idle probe, ms back to back / right after a {1e3 * ip['pause_s']:.0f} ms sleep (+ penalty), "
-                     f"gc off, medians of {ip['reps']}: " + "; ".join(parts))
+                     f"gc off, calls interleaved, medians of {ip['reps']}: " + "; ".join(parts))
     lines.append("")
     lines.append("median / min: wall clock of the whole outlier_scores call, warm (per repeat the median of "
                  f"{p['measurement']['inner']} back-to-back calls, gc off); cold: the first call of each repeat, "
