@@ -197,7 +197,8 @@ def main() -> int:
             notes += (f"Correlation over inits of the training loss (given labels) with the detection accuracy, "
                       f"per data seed: {min(corr):.2f} to {max(corr):.2f} (median {np.median(corr):.2f})")
             alive = [c for c in sw["corr_train_loss_detection_accuracy_alive_only_per_data_seed"] if c is not None]
-            notes += (f"; over the other trainings only: {min(alive):.2f} to {max(alive):.2f}." if alive else ".")
+            notes += (f"; among the live trainings only: {min(alive):.2f} to {max(alive):.2f} (median "
+                      f"{np.median(alive):.2f})." if alive else ".")
         if sw["inits_fully_dead_on_every_data_seed"]:
             notes += (f" Inits dead on every data seed (every training point at 0): "
                       f"{sw['inits_fully_dead_on_every_data_seed']}, detection accuracy "

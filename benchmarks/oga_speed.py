@@ -275,11 +275,12 @@ def idle_probe(model: nn.Module, ds: TensorDataset, batch_size: int) -> dict[str
 
     head = model[-1]
     step = HeadNorms(HeadCapture(head, str(len(model) - 1), [f"{len(model) - 1}.weight"], CrossEntropy(), model=model),
-                     "l2").rows_per_step(ds, batch_size, X.dtype.itemsize)
+                     "l2").rows_per_step(ds, batch_size, torch.float32.itemsize)  # outlier_scores' default dtype
     calls = (("label_range_check", label_check), ("numpy_arange", numpy_arange),
              ("bare_model_forward_one_call", bare), ("bare_model_forward_batched", batched),
              ("hand_written_loop_l2", lambda: hand_closed_form(model, ds, batch_size, "l2")),
-             ("hand_written_loop_l2_at_hessfree_step", lambda: hand_closed_form(model, ds, step, "l2")),
+             *((("hand_written_loop_l2_at_hessfree_step", lambda: hand_closed_form(model, ds, step, "l2")),)
+               if step != batch_size else ()),  # (with a body, hessfree's step is batch_size: the row above)
              ("closed_form_l2", closed_form))
     out: dict[str, Any] = {"pause_s": IDLE_S, "reps": IDLE_REPS, "gc": "off in both arms", "hessfree_step_rows": step}
     back: dict[str, list[float]] = {name: [] for name, _ in calls}
@@ -301,7 +302,7 @@ def idle_probe(model: nn.Module, ds: TensorDataset, batch_size: int) -> dict[str
         gc.enable()
     for name, _ in calls:
         b, a = statistics.median(back[name]), statistics.median(paused[name])
-        q1, _, q3 = statistics.quantiles([x - b for x in paused[name]], n=4)
+        q1, _, q3 = statistics.quantiles([x - b for x in paused[name]], n=4) if IDLE_REPS >= 2 else (None,) * 3
         out[name] = {"back_to_back_median_s": b, "after_pause_median_s": a, "penalty_s": a - b,
                      "penalty_quartiles_s": [q1, q3], "back_to_back_s": back[name], "after_pause_s": paused[name]}
     return out
@@ -484,9 +485,11 @@ def format_table(p: dict[str, Any]) -> str:
                  "hand_written_loop_l2_at_hessfree_step": f"hand-written loop L2 at hessfree's step "
                                                           f"({ip.get('hessfree_step_rows')} rows)",
                  "closed_form_l2": "hessfree closed-form L2"}
+        def ms(x: float | None) -> str:
+            return "n/a" if x is None else f"{1e3 * x:+.2f}"
         parts = [f"{label} {1e3 * ip[k]['back_to_back_median_s']:.2f} / {1e3 * ip[k]['after_pause_median_s']:.2f} "
-                 f"(+{1e3 * ip[k]['penalty_s']:.2f}, quartiles {1e3 * ip[k]['penalty_quartiles_s'][0]:+.2f} to "
-                 f"{1e3 * ip[k]['penalty_quartiles_s'][1]:+.2f})" for k, label in names.items() if k in ip]
+                 f"({ms(ip[k].get('penalty_s'))}, quartiles {ms((ip[k].get('penalty_quartiles_s') or [None])[0])} to "
+                 f"{ms((ip[k].get('penalty_quartiles_s') or [None, None])[1])})" for k, label in names.items() if k in ip]
         lines.append(f"idle probe, ms back to back / right after a {1e3 * ip['pause_s']:.0f} ms sleep (+ penalty), "
                      f"gc off, calls interleaved, medians of {ip['reps']}: " + "; ".join(parts))
     lines.append("")
