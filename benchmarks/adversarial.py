@@ -110,7 +110,6 @@ def main() -> int:
             if m != "k":
                 print(f"{m:<20}{mu:>8.4f} ± {sd:.4f}")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, {"command": "benchmarks/adversarial.py " + " ".join(sys.argv[1:]),
                                "settings": {"epochs": EPOCHS, "lr": LR, "batch_size": BATCH, "remove": REMOVE},
                                "seconds": time.perf_counter() - t0, "results": results})  # temp file + rename

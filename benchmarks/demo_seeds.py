@@ -45,7 +45,6 @@ def main() -> int:
                       "auroc_mean": a.mean(), "seeds_at_or_above_0.95": int((r >= 0.95).sum())}
         print(f"{m:<24}{r.mean():>15.3f} ± {r.std():.3f}{r.min():>7.3f}{r.max():>7.3f}{a.mean():>12.4f}")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, {"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
                                    "config": DemoConfig().__dict__, "per_seed": per_seed, "summary": summary})  # temp file + rename
     return 0

@@ -156,7 +156,6 @@ def main() -> int:
                     cells = [show(v[m]) for m in ("accuracy", "dp_gap", "abs_dp_gap", "eo_gap", "abs_eo_gap")]
                     print(f"{frac:<9}{method:<15}" + "".join(f"{c[0]:>10.4f}±{c[1]:<6.4f}" for c in cells))
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, {"command": "benchmarks/fairness_adult.py " + " ".join(sys.argv[1:]),
                                "seconds": time.perf_counter() - t0, "n_train": n, "n_val": len(va_idx),
                                "n_test": len(te_idx), "results": results})  # temp file + rename

@@ -212,7 +212,6 @@ def main() -> int:
                            "init_sweep": args.init_seeds,
                            "data": "as benchmarks/oga_halfmoons.py (make_data)"},
                "rows": rows, "table": table, "seconds": time.perf_counter() - t0}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, payload)
     print(f"\nwrote {args.out} ({payload['seconds']:.0f} s)")
     return 0

@@ -265,7 +265,6 @@ def main() -> int:
             print_setting(name, noise, r)
     seconds = time.perf_counter() - t0
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, {
         "command": "benchmarks/oga_noisy_labels.py " + " ".join(sys.argv[1:]),
         "settings": {"datasets": {n: {"hidden": h, "epochs": e, "lr": lr, "batch_size": b}

@@ -538,7 +538,6 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table)
     payload["table"] = table
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, payload)
     print(f"\nwrote {args.out} ({payload['seconds']:.0f} s)")
     return 0

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
 import os
 import platform
 import re
@@ -548,19 +547,6 @@ def environment(threads: int) -> dict:
     return env
 
 
-def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # ----------------------------------------------------------------------------- main
 def run_benchmark(args: argparse.Namespace,
                   make_checkpoints: Callable[[Data, Path], Checkpoints] = train_with_hessfree) -> dict:
@@ -642,7 +628,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table)
     payload["table"] = table
-    write_json(args.out, payload)
+    from hessfree.io import write_json  # (hessfree is imported late here, as in the rest of this file)
+    write_json(args.out, payload)  # temp file + rename
     print(f"\nwrote {args.out}")
     return 0
 

@@ -120,7 +120,6 @@ def main() -> int:
             print(f"{arm:<16}{v['accuracy'][0]:>10.4f} ± {v['accuracy'][1]:.4f}"
                   f"{v['abs_dp_gap'][0]:>10.4f} ± {v['abs_dp_gap'][1]:.4f}")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, {"command": "benchmarks/poisoning.py " + " ".join(sys.argv[1:]),
                                "settings": {"model": "logistic regression nn.Linear(d, 1), BCE", "epochs": EPOCHS,
                                             "lr": LR, "batch_size": BATCH, "checkpoints": 5,
