@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/hessfree demo --out results/demo
+	$(VENV)/bin/hessfree demo --out results/demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest

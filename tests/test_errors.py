@@ -448,7 +448,7 @@ def test_fit_into_existing_run_dir_without_overwrite(tmp_path, data):
     for k, sd in enumerate(old):
         assert all(torch.equal(again.checkpoint_state(k)[n], sd[n]) for n in sd)
     with pytest.raises(RunDirectoryError):
-        hessfree.fit(mlp(0), data, run_dir=rd / "checkpoints", **Q)  # any non-empty dir is refused
+        hessfree.fit(mlp(0), data, run_dir=next(rd.glob("data-*")), **Q)  # a non-empty non-run dir is refused
 
 
 def test_fit_into_existing_empty_dir_is_allowed(tmp_path, data):

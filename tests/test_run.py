@@ -3,6 +3,7 @@ must leave untouched (model weights, train/eval mode); CPU determinism; float64 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 
@@ -53,9 +54,18 @@ def test_fit_writes_run_directory(recorded):
     assert (manifest["n_samples"], manifest["steps_per_epoch"], manifest["n_steps"]) == (10, 3, 6)
     assert manifest["checkpoint_every"] == 3  # default: one epoch = ceil(10 / 4)
     assert manifest["lr"] == "schedule"
-    assert manifest["steps"] == "steps.npz" and (rd / "steps.npz").is_file()
+    data_dir = manifest["steps"].split("/")[0]  # one recording folder, named by the manifest
+    assert data_dir.startswith("data-") and manifest["steps"] == f"{data_dir}/steps.npz"
+    assert (rd / manifest["steps"]).is_file()
     files = [c["file"] for c in manifest["checkpoints"]]
-    assert files == ["checkpoints/step_00000003.safetensors", "checkpoints/step_00000006.safetensors"]
+    assert files == [f"{data_dir}/checkpoints/step_00000003.safetensors",
+                     f"{data_dir}/checkpoints/step_00000006.safetensors"]
+    # every file carries its size and SHA-256
+    assert sorted(manifest["files"]) == sorted(files + [manifest["steps"], manifest["initial"]])
+    for rel, entry in manifest["files"].items():
+        assert entry["bytes"] == (rd / rel).stat().st_size
+        assert entry["sha256"] == hashlib.sha256((rd / rel).read_bytes()).hexdigest()
+    assert sorted(p.name for p in rd.iterdir()) == [data_dir, "manifest.json"]  # nothing hidden left
     assert [c["epoch"] for c in manifest["checkpoints"]] == [1.0, 2.0]
     for f in files:
         assert (rd / f).is_file()
@@ -64,7 +74,7 @@ def test_fit_writes_run_directory(recorded):
     assert state_equal(load_file(str(rd / files[-1])), model.state_dict())
     assert not state_equal(load_file(str(rd / files[0])), init)
     assert hidden_siblings(rd) == []  # the recording directory was renamed into place
-    with np.load(rd / "steps.npz", allow_pickle=False) as z:
+    with np.load(rd / manifest["steps"], allow_pickle=False) as z:
         assert z["offsets"].tolist() == [0, 4, 8, 10, 14, 18, 20]
 
 
@@ -184,15 +194,10 @@ def test_crash_mid_recording_keeps_old_run(tmp_path):
     for k, sd in enumerate(old_states):
         assert state_equal(again.checkpoint_state(k), sd)
 
-    partial = [p for p in tmp_path.iterdir() if p.name != "run"]
-    assert len(partial) == 1
-    assert partial[0].name.startswith(".run.recording-")  # a hidden sibling
-    manifest = json.loads((partial[0] / "manifest.json").read_text())
-    assert manifest["status"] == "recording"
-    assert [c["step"] for c in manifest["checkpoints"]] == [3]
-    assert (partial[0] / manifest["checkpoints"][0]["file"]).is_file()
-    with pytest.raises(RunDirectoryError, match="incomplete"):
-        hessfree.Run.load(partial[0], mlp(0))
+    # the failed recording removed itself: the old run's files and nothing else
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    live = json.loads(old_manifest)["steps"].split("/")[0]
+    assert sorted(p.name for p in rd.iterdir()) == [live, "manifest.json"]
 
 
 def test_overwrite_replaces_old_run(tmp_path):
@@ -206,8 +211,10 @@ def test_overwrite_replaces_old_run(tmp_path):
     assert loaded.manifest["n_samples"] == 16
     assert [c.step for c in loaded.checkpoints] == [4, 8]
     assert state_equal(loaded.checkpoint_state(-1), model.state_dict())
-    assert not (rd / "user_note.txt").exists()
+    assert (rd / "user_note.txt").read_text() == "belongs to the old run"  # not hessfree's: kept
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no backup / recording left behind
+    live = loaded.manifest["steps"].split("/")[0]
+    assert sorted(p.name for p in rd.iterdir()) == [live, "manifest.json", "user_note.txt"]  # old data gone
 
 
 def test_subset_sample_ids(tmp_path):

@@ -183,12 +183,38 @@ def test_save_keeps_other_suffixes(tmp_path):
     assert Scores([1.0], [0]).save(tmp_path / "scores.v2").name == "scores.v2.npz"
 
 
-def test_numpy_metadata_is_stored_as_json(tmp_path):
-    s = Scores([1.0, 2.0], [0, 1], {"n": np.int64(3), "arr": np.arange(3), "eta": np.float32(0.5),
-                                    "dtype": torch.float64})
+def test_numpy_scalars_in_metadata_are_stored_as_numbers(tmp_path):
+    s = Scores([1.0, 2.0], [0, 1], {"n": np.int64(3), "eta": np.float32(0.5), "nested": {"t": (1, [2.5, None])}})
     back = Scores.load(s.save(tmp_path / "m"))
-    assert back.meta["n"] == 3 and back.meta["arr"] == [0, 1, 2] and back.meta["eta"] == 0.5
-    assert back.meta["dtype"] == "torch.float64"
+    assert back.meta["n"] == 3 and back.meta["eta"] == 0.5 and back.meta["nested"] == {"t": [1, [2.5, None]]}
+
+
+@pytest.mark.parametrize("bad,where", [
+    (torch.float64, "dtype"), (torch.ones(2), "Tensor"), (np.arange(3), "ndarray"),
+    (len, "builtin_function"), (object(), "object"), ({1: "a"}, "key 1"), ([1, {"y": torch.ones(1)}], r"meta\['x'\]\[1\]"),
+])
+def test_save_refuses_metadata_it_cannot_store_faithfully(tmp_path, bad, where):
+    path = tmp_path / "m.npz"
+    Scores([1.0], [0], {"x": 1}).save(path)
+    before = path.read_bytes()
+    with pytest.raises(InputError, match=where):
+        Scores([1.0, 2.0], [0, 1], {"x": bad}).save(path)
+    assert path.read_bytes() == before  # the previous file is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npz"]  # and no temporary is left
+
+
+def test_load_refuses_files_that_are_not_scores(tmp_path):
+    (tmp_path / "text.npz").write_text("not a zip")
+    np.savez(tmp_path / "other.npz", a=np.arange(3))
+    np.savez(tmp_path / "objects.npz", values=np.array([object()], dtype=object), sample_ids=np.arange(1),
+             meta_json=np.frombuffer(b"{}", dtype=np.uint8))
+    np.savez(tmp_path / "badjson.npz", values=np.ones(1), sample_ids=np.arange(1),
+             meta_json=np.frombuffer(b"{not json", dtype=np.uint8))
+    for name, pattern in [("text.npz", "cannot be read"), ("other.npz", "no values, sample_ids, meta_json"),
+                          ("objects.npz", "cannot be read"), ("badjson.npz", "cannot be read"),
+                          ("missing.npz", "no scores file")]:
+        with pytest.raises(InputError, match=pattern):
+            Scores.load(tmp_path / name)
 
 
 def test_real_scores_round_trip(tmp_path):

@@ -6,6 +6,7 @@ import logging
 import sys
 
 from hessfree import __version__
+from hessfree.errors import HessfreeError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,14 +19,20 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0, help="seed of the label flips, init and batch order")
     demo.add_argument("--noise", type=float, default=0.10, help="fraction of training labels flipped")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="replace the demo's earlier results in --out (never files the demo did not write)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
 
     if args.command == "demo":
         from hessfree.workflows.demo import DemoConfig, format_table, run_demo
 
-        result = run_demo(args.out, DemoConfig(noise=args.noise, seed=args.seed),
-                          progress=not args.no_progress and sys.stderr.isatty())
+        try:
+            result = run_demo(args.out, DemoConfig(noise=args.noise, seed=args.seed),
+                              progress=not args.no_progress and sys.stderr.isatty(), overwrite=args.overwrite)
+        except HessfreeError as exc:
+            print(f"hessfree demo: error: {exc}", file=sys.stderr)
+            return 2
         print(format_table(result))
         print(f"\nwritten: {args.out}/demo.json, {args.out}/self_influence.npz, {args.out}/run/")
     return 0

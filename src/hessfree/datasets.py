@@ -191,3 +191,32 @@ def batch_len(obj: Any) -> int:
     if isinstance(obj, (list, tuple)):
         return batch_len(obj[0])
     raise InputError(f"cannot find the batch dimension of a {type(obj).__name__}")
+
+
+FINGERPRINT_SAMPLES = 64  # samples whose content enters a dataset's fingerprint
+
+
+def fingerprint(dataset: Dataset, ids: np.ndarray | None = None) -> dict[str, Any]:
+    """A cheap identity of a dataset: its size, a SHA-256 of its sample ids, and a SHA-256 of the
+    content of up to :data:`FINGERPRINT_SAMPLES` samples spread evenly over it (first and last
+    included: every tensor's dtype, shape and bytes; other values by ``repr``).
+
+    Two datasets of the same size and ids but other data differ in it unless they agree on every
+    sample looked at; it is a check against passing the wrong dataset, not a proof of identity.
+    """
+    import hashlib
+
+    n = dataset_size(dataset)
+    ids = sample_ids(dataset) if ids is None else ids
+    id_hash = hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()
+    h = hashlib.sha256()
+    pos = np.unique(np.linspace(0, n - 1, min(n, FINGERPRINT_SAMPLES)).round().astype(np.int64))
+    for _, batch in iter_batches(dataset, len(pos), order=pos):
+        for leaf in leaves_in(batch):
+            if isinstance(leaf, Tensor):
+                t = leaf.detach().cpu().contiguous()
+                h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            else:
+                h.update(repr(leaf).encode())
+    return {"n": int(n), "ids_sha256": id_hash, "content_sha256": h.hexdigest(), "content_samples": int(len(pos))}

@@ -28,3 +28,11 @@ class NonFiniteError(HessfreeError, FloatingPointError):
 
 class RunDirectoryError(HessfreeError, FileExistsError):
     """A run directory is missing, incomplete, or would be overwritten."""
+
+
+class RunIntegrityError(RunDirectoryError):
+    """A run's files do not match what its manifest recorded (checksum, size, path or value)."""
+
+
+class DatasetMismatchError(InputError):
+    """The dataset passed is not the one the run was trained on."""

@@ -12,9 +12,8 @@ import logging
 import math
 import os
 import pickle
-import shutil
-import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,16 +27,17 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from hessfree.datasets import dataset_size, iter_batches, sample_ids as dataset_sample_ids
-from hessfree.errors import CheckpointMismatchError, InputError, NonFiniteError, RunDirectoryError
-from hessfree.io import write_json, write_npz, write_safetensors
+from hessfree.datasets import (dataset_size, fingerprint, iter_batches, leaves_in,
+                               sample_ids as dataset_sample_ids)
+from hessfree.errors import (CheckpointMismatchError, DatasetMismatchError, InputError, NonFiniteError,
+                             RunDirectoryError, RunIntegrityError)
+from hessfree.io import sha256_file, write_npz, write_safetensors
+from hessfree.run_dir import MANIFEST, RUN_FORMAT, Recording, read_manifest, validate_manifest, verify_files
 from hessfree.tasks import Task, check_dataset_labels, resolve_task
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-RUN_FORMAT = "hessfree-run"
-RUN_VERSION = 1
+RUN_VERSION = 2  # 2: recordings in data folders committed by the manifest, with checksums and a data fingerprint
 StateDict = dict[str, Tensor]
 
 
@@ -144,10 +144,30 @@ class Checkpoint:
     learning_rate: float
     step: int | None = None  # number of SGD steps taken when it was saved (None if unknown)
     prefix: str = ""  # key prefix to strip on loading ("module." for a DDP checkpoint)
+    sha256: str | None = None  # of a file recorded by fit, checked when the file changes on disk
+    verified: tuple[int, int, int] | None = None  # (size, mtime_ns, inode) of the file when it was checked
 
     def state(self) -> StateDict:
+        if not isinstance(self.source, Mapping) and self.sha256 is not None and self.verified is not None:
+            self._recheck()
         raw = self.source if isinstance(self.source, Mapping) else _load_file(self.source)
         return _strip(raw, self.prefix)
+
+    def _recheck(self) -> None:
+        """A checkpoint file rewritten since it was verified must still match its checksum."""
+        try:
+            st = os.stat(self.source)
+        except OSError as exc:
+            raise RunIntegrityError(f"checkpoint {self.source} is gone ({exc}); was the run folder moved or "
+                                    "replaced? load the run again") from exc
+        now = (st.st_size, st.st_mtime_ns, st.st_ino)
+        if now == self.verified:
+            return
+        if sha256_file(self.source) != self.sha256:
+            raise RunIntegrityError(f"checkpoint {self.source} was rewritten after the run was loaded and no longer "
+                                    "matches the checksum recorded with the run; load the run again (if it was "
+                                    "replaced by a newer recording) or record it again")
+        self.verified = now
 
 
 @dataclass
@@ -287,20 +307,22 @@ class Run:
         return cls(model=model, checkpoints=wrapped, task=task)
 
     @classmethod
-    def load(cls, run_dir: str | os.PathLike, model: nn.Module, *, loss: str | Task | None = None) -> "Run":
-        """Restore a Run saved by :func:`fit`. ``loss`` is needed only for a custom Task."""
+    def load(cls, run_dir: str | os.PathLike, model: nn.Module, *, loss: str | Task | None = None,
+             verify: bool = True) -> "Run":
+        """Restore a Run saved by :func:`fit`. ``loss`` is needed only for a custom Task.
+
+        The manifest's values and paths are checked first (finite positive learning rates, every
+        path inside the run folder); with ``verify=True`` (the default) every file is then checked
+        against the size and SHA-256 recorded with the run, which reads each file once (pass
+        ``verify=False`` to skip that for a very large run). A checkpoint file rewritten later is
+        caught when it is next read. Raises RunDirectoryError / RunIntegrityError otherwise.
+        """
         run_dir = Path(run_dir)
-        manifest_path = run_dir / MANIFEST
-        if not manifest_path.is_file():
-            raise RunDirectoryError(f"{run_dir} holds no {MANIFEST}: not a hessfree run directory")
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("format") != RUN_FORMAT:
-            raise RunDirectoryError(f"{manifest_path} is not a hessfree run manifest")
-        if manifest.get("status") != "complete":
-            raise RunDirectoryError(
-                f"{run_dir} is an incomplete recording (status {manifest.get('status')!r}): the training "
-                "that wrote it did not finish; record it again"
-            )
+        manifest = read_manifest(run_dir)
+        validate_manifest(manifest, run_dir)
+        if not isinstance(verify, bool):
+            raise InputError(f"verify must be True or False, got {verify!r}")
+        checked = verify_files(manifest, run_dir) if verify else {}
         if loss is None:
             name = manifest["task"]["name"]
             if name == "custom" or name not in ("cross_entropy", "bce"):
@@ -311,23 +333,51 @@ class Run:
         for k, c in enumerate(manifest["checkpoints"]):
             path = run_dir / c["file"]
             _check_matches(model, _shapes(path), f"checkpoint {k} ({path})")
-            ckpts.append(Checkpoint(path, float(c["learning_rate"]), c.get("step")))
-        step_log = None
-        if manifest.get("steps"):
-            with np.load(run_dir / manifest["steps"], allow_pickle=False) as z:
-                offsets = z["offsets"]
-                flat = z["positions"]
-                step_log = StepLog([flat[offsets[t]:offsets[t + 1]] for t in range(len(offsets) - 1)],
-                                   z["lr"], z["sample_ids"])
+            sha, st = checked.get(c["file"], (None, None))
+            ckpts.append(Checkpoint(path, float(c["learning_rate"]), c.get("step"), sha256=sha,
+                                    verified=(st.st_size, st.st_mtime_ns, st.st_ino) if st else None))
+        step_log = _load_step_log(run_dir, manifest) if manifest.get("steps") else None
         trajectory = None
         rec = manifest.get("trajectory")
         if rec:
-            z = load_file(str(run_dir / rec["file"]))
-            base = load_file(str(run_dir / manifest["initial"]))
-            trajectory = Trajectory(list(rec["names"]), [tuple(x) for x in rec["shapes"]], z["steps"].numpy(),
-                                    z["thetas"], int(rec["every"]), float(rec["l2"]), base)
+            try:
+                z = load_file(str(run_dir / rec["file"]))
+                base = load_file(str(run_dir / manifest["initial"]))
+                trajectory = Trajectory(list(rec["names"]), [tuple(x) for x in rec["shapes"]], z["steps"].numpy(),
+                                        z["thetas"], int(rec["every"]), float(rec["l2"]), base)
+            except (SafetensorError, OSError, KeyError, TypeError, ValueError) as exc:
+                raise RunIntegrityError(f"the trajectory of {run_dir} cannot be read ({type(exc).__name__}: {exc}); "
+                                        "the run folder is damaged, record the run again") from exc
+            if step_log is not None and trajectory.n_steps != len(step_log):
+                raise RunIntegrityError(f"the trajectory of {run_dir} ends at step {trajectory.n_steps} but the step "
+                                        f"log has {len(step_log)} steps; the run folder is damaged")
         return cls(model=model, checkpoints=ckpts, task=task, run_dir=run_dir, step_log=step_log,
                    manifest=manifest, trajectory=trajectory)
+
+
+def _load_step_log(run_dir: Path, manifest: dict) -> StepLog:
+    """The step log of a run folder, its values checked (finite positive rates, positions in range)."""
+    path = run_dir / manifest["steps"]
+
+    def bad(msg: str) -> RunIntegrityError:
+        return RunIntegrityError(f"the step log {path} {msg}; the run folder is damaged, record the run again")
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            offsets, flat, lr, ids = z["offsets"], z["positions"], z["lr"], z["sample_ids"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise bad(f"cannot be read ({type(exc).__name__}: {exc})") from exc
+    if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or np.any(np.diff(offsets) < 0) \
+            or offsets[-1] != len(flat) or len(lr) != len(offsets) - 1:
+        raise bad("has inconsistent offsets")
+    if not (np.all(np.isfinite(lr)) and np.all(lr > 0)):
+        raise bad("holds learning rates that are not finite positive numbers")
+    if len(flat) and (flat.min() < 0 or flat.max() >= len(ids)):
+        raise bad(f"names dataset positions outside 0..{len(ids) - 1}")
+    n = manifest.get("n_samples")
+    if n is not None and n != len(ids):
+        raise bad(f"holds {len(ids)} sample ids for a run of {n} samples")
+    return StepLog([flat[offsets[t]:offsets[t + 1]] for t in range(len(offsets) - 1)], lr, ids)
 
 
 def _check_learning_rates(rates: Sequence[float]) -> None:
@@ -350,10 +400,20 @@ def fit(model: nn.Module, train_dataset: Dataset, *, loss: str | Task = "cross_e
     the 0-based step. A checkpoint is saved every ``checkpoint_every`` steps (default: one epoch)
     and after the last step, with the learning rate of the step that produced it.
 
-    With ``run_dir`` the run is written there (safetensors checkpoints, ``steps.npz`` step log,
-    ``manifest.json``); recording happens in a temporary sibling directory renamed into place only
-    when training finishes, so an existing run is never lost and a crash leaves a directory whose
-    manifest says ``"status": "recording"``. Without ``run_dir`` checkpoints stay in memory.
+    With ``run_dir`` the run is written there (``manifest.json``, and a ``data-…`` folder with the
+    safetensors checkpoints and the ``steps.npz`` step log, every file's SHA-256 in the manifest).
+    The folder must be new, empty, or a hessfree run (replaced only with ``overwrite=True``;
+    anything else is refused before training, and files hessfree did not write are never
+    touched). Recording happens in a hidden folder inside it; the new run becomes live in one
+    atomic rename of ``manifest.json`` once it is complete, so at every moment the folder holds the
+    old run or the new one, never nothing and never half of one. A failed ``fit`` removes its
+    recording; what a killed one left is removed by the next ``fit`` into the same folder.
+    Without ``run_dir`` checkpoints stay in memory.
+
+    If ``fit`` fails (bad input found during training, a non-finite loss, a full disk, Ctrl-C),
+    the model's parameters and buffers are put back to what they were before the call. A
+    non-finite loss is traced to the sample that caused it where possible (its inputs, its loss,
+    or the step at which the model started to diverge).
 
     ``record="every_step"`` (or an int K) also records the parameter trajectory θ[t] before every
     step (or every K steps, the rest rebuilt by deterministic replay) for the Dynamic Influence
@@ -388,20 +448,37 @@ def fit(model: nn.Module, train_dataset: Dataset, *, loss: str | Task = "cross_e
     if not params:
         raise InputError("the model has no trainable parameters (all have requires_grad=False)")
     ids = dataset_sample_ids(train_dataset)
+    if not isinstance(overwrite, bool):
+        raise InputError(f"overwrite must be True or False, got {overwrite!r}")
+    # refused here, before any training, if run_dir may not receive a run; leftovers of killed writes cleaned
+    recording = Recording.start(run_dir, overwrite) if run_dir is not None else None
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}  # put back if fit fails
+    try:
+        return _record(model, train_dataset, task, ids, recording, before, lr_fn, lr, epochs, batch_size,
+                       checkpoint_every, steps_per_epoch, n_steps, seed, every, record, l2, params, progress)
+    except BaseException:
+        _restore(model, before)
+        if recording is not None:
+            recording.abort()
+        raise
 
-    final_dir = Path(run_dir) if run_dir is not None else None
-    work_dir = None
-    if final_dir is not None:
-        if final_dir.exists() and not final_dir.is_dir():
-            raise RunDirectoryError(f"run_dir {final_dir} is an existing file, not a directory; choose another path")
-        if final_dir.exists() and any(final_dir.iterdir()) and not overwrite:
-            raise RunDirectoryError(
-                f"{final_dir} already exists and is not empty; choose a new run_dir or pass overwrite=True "
-                "(the old run is replaced only once the new one is complete)"
-            )
-        final_dir.parent.mkdir(parents=True, exist_ok=True)
-        work_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.recording-", dir=final_dir.parent))
 
+def _restore(model: nn.Module, state: StateDict) -> None:
+    """Put every parameter and buffer back to ``state``, in place (bit for bit)."""
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if k in state:
+                v.copy_(state[k])
+
+
+def _record(model: nn.Module, train_dataset: Dataset, task: Task, ids: np.ndarray, recording: Recording | None,
+            before: StateDict, lr_fn: Callable[[int], float], lr: Any, epochs: int, batch_size: int,
+            checkpoint_every: int, steps_per_epoch: int, n_steps: int, seed: int, every: int, record: Any,
+            l2: float, params: list[tuple[str, nn.Parameter]], progress: bool) -> Run:
+    """The training loop of :func:`fit`, recording into ``recording`` (or memory)."""
+    n = len(ids)
+    tensors = [p for _, p in params]
+    work_dir = recording.dir if recording is not None else None
     manifest: dict[str, Any] = {
         "format": RUN_FORMAT, "version": RUN_VERSION, "status": "recording",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -411,10 +488,8 @@ def fit(model: nn.Module, train_dataset: Dataset, *, loss: str | Task = "cross_e
         "lr": float(lr) if not callable(lr) else "schedule", "checkpoints": [], "steps": None,
         "l2": l2, "record": record if isinstance(record, str) or record is None else every, "trajectory": None,
     }
-    # a copy only when the trajectory needs it (buffers and frozen tensors at θ[0])
-    initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()} if every else model.state_dict()
+    initial_state = before if every else model.state_dict()  # buffers and frozen tensors at θ[0]
     if work_dir is not None:
-        write_json(work_dir / MANIFEST, manifest)
         write_safetensors(work_dir / "checkpoints" / "init.safetensors", initial_state)
         manifest["initial"] = "checkpoints/init.safetensors"
 
@@ -424,12 +499,14 @@ def fit(model: nn.Module, train_dataset: Dataset, *, loss: str | Task = "cross_e
         check_dataset_labels(task, lambda x: task.safe_forward(model, x), task.split, train_dataset, ids)
     finally:
         model.train(was_training)
+    manifest["data"] = fingerprint(train_dataset, ids)
     gen = torch.Generator().manual_seed(seed)
     traj_steps: list[int] = []
     traj_thetas: list[Tensor] = []
     positions: list[np.ndarray] = []
     step_lrs: list[float] = []
     checkpoints: list[Checkpoint] = []
+    watch = _LossWatch(n_steps, ids, positions)
     model.train()
     t0 = time.perf_counter()
     bar = tqdm(total=n_steps, desc="fit", disable=not progress, leave=False)
@@ -445,13 +522,13 @@ def fit(model: nn.Module, train_dataset: Dataset, *, loss: str | Task = "cross_e
                     traj_steps.append(step)
                     traj_thetas.append(flatten(tensors).clone())
 
-                def check(outputs, targets, losses, _pos=pos, _step=step):
+                def check(outputs, targets, losses, _pos=pos, _step=step, _batch=batch):
+                    if _step == 0 and (losses.dim() != 1 or losses.shape[0] != len(_pos)):
+                        raise InputError(
+                            f"the loss returned shape {tuple(losses.shape)} for a batch of {len(_pos)} samples: "
+                            "Task.per_sample_loss must return one loss per sample (shape (B,)), not their mean")
                     task.validate(outputs, targets, ids[_pos])
-                    if not bool(torch.isfinite(losses).all()):
-                        bad = ids[_pos][~torch.isfinite(losses).detach().cpu().numpy()]
-                        raise NonFiniteError(
-                            f"non-finite training loss at step {_step} for sample id(s) {bad[:10].tolist()}; "
-                            "check those samples' inputs and labels, or lower the learning rate")
+                    watch(_step, _pos, losses, task.split(_batch)[0])
 
                 sgd_step(model, tensors, task, batch, eta, l2, check)
                 positions.append(pos.copy())
@@ -459,6 +536,7 @@ def fit(model: nn.Module, train_dataset: Dataset, *, loss: str | Task = "cross_e
                 step += 1
                 bar.update(1)
                 if step % checkpoint_every == 0 or step == n_steps:
+                    watch.check_parameters(step, params)
                     checkpoints.append(_save_checkpoint(model, work_dir, step, eta, steps_per_epoch, manifest))
     finally:
         bar.close()
@@ -474,7 +552,7 @@ def fit(model: nn.Module, train_dataset: Dataset, *, loss: str | Task = "cross_e
         trajectory = Trajectory([nm for nm, _ in params], [tuple(p.shape) for p in tensors],
                                 np.asarray(traj_steps, dtype=np.int64), torch.stack(traj_thetas), every, l2,
                                 initial_state)
-    if work_dir is None:
+    if recording is None:
         manifest["status"] = "complete"
         return Run(model=model, checkpoints=checkpoints, task=task, step_log=step_log, manifest=manifest,
                    trajectory=trajectory)
@@ -489,10 +567,80 @@ def fit(model: nn.Module, train_dataset: Dataset, *, loss: str | Task = "cross_e
               lr=step_log.learning_rates, sample_ids=ids)
     manifest["steps"] = "steps.npz"
     manifest["status"] = "complete"
-    write_json(work_dir / MANIFEST, manifest)
-    _replace_dir(work_dir, final_dir)
-    log.info("recorded %d steps and %d checkpoints into %s", n_steps, len(checkpoints), final_dir)
-    return Run.load(final_dir, model, loss=task)
+    recording.commit(manifest)
+    log.info("recorded %d steps and %d checkpoints into %s", n_steps, len(checkpoints), recording.root)
+    return Run.load(recording.root, model, loss=task)
+
+
+class _LossWatch:
+    """Traces a non-finite training loss to the sample that caused it.
+
+    Every step keeps (largest per-sample loss, its position in the batch, the batch's median loss)
+    in one preallocated tensor, a few small operations per step and no host sync. When a loss is
+    not finite, the batch's inputs are checked first, then its per-sample losses; if every sample
+    of the batch is non-finite the model had diverged earlier, and the message names the sample
+    whose loss stood furthest above its batch's median before that.
+    """
+
+    def __init__(self, n_steps: int, ids: np.ndarray, positions: list[np.ndarray]):
+        self.n_steps, self.ids, self.positions = n_steps, ids, positions
+        self.history: Tensor | None = None
+
+    def __call__(self, step: int, pos: np.ndarray, losses: Tensor, inputs: Any) -> None:
+        lo = losses.detach()
+        if self.history is None:
+            self.history = torch.full((self.n_steps, 3), float("nan"), dtype=torch.float64, device=lo.device)
+        if bool(torch.isfinite(lo).all()):
+            top, where = lo.max(0)
+            self.history[step] = torch.stack([top.double(), where.double(), lo.median().double()])
+            return
+        ids = self.ids[pos]
+        bad_inputs = _nonfinite_rows(inputs, len(pos))
+        if bad_inputs is not None and bad_inputs.any():
+            raise NonFiniteError(f"non-finite training loss at step {step} for sample id(s) "
+                                 f"{ids[bad_inputs][:10].tolist()}: their inputs hold NaN or inf values; clean those "
+                                 "samples' inputs or leave them out")
+        finite = torch.isfinite(lo).cpu().numpy()
+        if finite.any():
+            raise NonFiniteError(f"non-finite training loss at step {step} for sample id(s) "
+                                 f"{ids[~finite][:10].tolist()} while the other samples of the batch are finite; "
+                                 "check those samples' inputs and labels")
+        raise NonFiniteError(f"non-finite training loss at step {step} for every sample of its batch: the model had "
+                             f"already diverged. {self.diagnosis(step)}")
+
+    def diagnosis(self, step: int) -> str:
+        """Where the divergence most likely started, from the losses of the steps before ``step``."""
+        if self.history is None or step == 0:
+            return "It did so at the first step: lower the learning rate or check the initial weights."
+        h = self.history[:step].cpu().numpy()
+        ok = np.isfinite(h[:, 0])
+        if not ok.any():
+            return "Lower the learning rate."
+        ratio = np.where(ok, h[:, 0] / np.maximum(np.abs(h[:, 2]), 1e-12), -np.inf)
+        s = int(np.argmax(ratio))
+        sid = int(self.ids[self.positions[s][int(h[s, 1])]])
+        if ratio[s] >= 100:
+            return (f"The largest loss before it was {h[s, 0]:.3g} for sample id {sid} at step {s}, {ratio[s]:.3g}x "
+                    f"its batch's median: check that sample's inputs and label (an extreme value there moves "
+                    "every weight), or lower the learning rate.")
+        first, last = int(np.argmax(ok)), int(len(ok) - 1 - np.argmax(ok[::-1]))
+        return (f"No single sample stood out (the batch median loss went from {h[first, 2]:.3g} at step {first} to "
+                f"{h[last, 2]:.3g} at step {last}): lower the learning rate.")
+
+    def check_parameters(self, step: int, params: list[tuple[str, nn.Parameter]]) -> None:
+        for name, p in params:
+            if not bool(torch.isfinite(p).all()):
+                raise NonFiniteError(f"parameter {name!r} is not finite after step {step}. {self.diagnosis(step)}")
+
+
+def _nonfinite_rows(inputs: Any, b: int) -> np.ndarray | None:
+    """(B,) mask of the samples whose floating inputs hold a NaN or inf (None: no such inputs)."""
+    mask = None
+    for t in leaves_in(inputs):
+        if isinstance(t, Tensor) and t.is_floating_point() and t.dim() >= 1 and t.shape[0] == b:
+            rows = ~torch.isfinite(t.detach()).reshape(b, -1).all(1)
+            mask = rows if mask is None else mask | rows
+    return None if mask is None else mask.cpu().numpy()
 
 
 def sgd_step(model: nn.Module, params: list[Tensor], task: Task, batch: Any, eta: float, l2: float,
@@ -556,13 +704,24 @@ def _require_trajectory(run: "Run") -> Trajectory:
 
 
 def check_replay_dataset(run: "Run", dataset: Dataset) -> None:
-    """The dataset must be the one the run was trained on (same size and sample ids)."""
+    """The dataset must be the one the run was trained on: same size, same sample ids and, for a
+    run recorded by this version of :func:`fit`, the same content on the samples its fingerprint
+    looked at (:func:`hessfree.datasets.fingerprint`)."""
     n = dataset_size(dataset, "training dataset")
     ids = dataset_sample_ids(dataset)
     if run.step_log is not None and (n != len(run.step_log.sample_ids)
                                      or not np.array_equal(ids, run.step_log.sample_ids)):
-        raise InputError(f"this dataset ({n} samples) is not the one the run was trained on "
-                         f"({len(run.step_log.sample_ids)} samples): pass the same training dataset")
+        raise DatasetMismatchError(f"this dataset ({n} samples) is not the one the run was trained on "
+                                   f"({len(run.step_log.sample_ids)} samples, other sample ids): pass the same "
+                                   "training dataset")
+    recorded = run.manifest.get("data") if isinstance(run.manifest, dict) else None
+    if isinstance(recorded, dict) and recorded.get("content_sha256"):
+        now = fingerprint(dataset, ids)
+        if now["content_sha256"] != recorded["content_sha256"]:
+            raise DatasetMismatchError(
+                f"this dataset has the size and sample ids of the one the run was trained on, but other content "
+                f"(its fingerprint over {now['content_samples']} samples differs): pass the same training dataset, "
+                "unchanged and in the same order (a dataset with random transforms cannot be replayed)")
 
 
 def _record_every(record: Any) -> int:
@@ -614,16 +773,4 @@ def _save_checkpoint(model: nn.Module, work_dir: Path | None, step: int, eta: fl
     write_safetensors(work_dir / rel, state)
     manifest["checkpoints"].append({"file": rel, "step": step, "epoch": step / steps_per_epoch,
                                     "learning_rate": eta})
-    write_json(work_dir / MANIFEST, manifest)  # still "recording": a crash leaves it readable but incomplete
     return Checkpoint(work_dir / rel, eta, step)
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished recording into place; an old run there is removed only after the move."""
-    if dst.exists():
-        backup = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, backup)
-        os.replace(src, dst)
-        shutil.rmtree(backup)
-    else:
-        os.replace(src, dst)

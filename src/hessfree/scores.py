@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,12 +111,22 @@ class Scores:
         return frame
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write an ``.npz`` (NumPy arrays + JSON metadata; no pickle), atomically."""
+        """Write an ``.npz`` (NumPy arrays + JSON metadata; no pickle), atomically.
+
+        ``meta`` must be what JSON stores faithfully: strings, numbers, booleans, None, lists,
+        tuples (read back as lists) and dicts with string keys; NumPy scalars are stored as
+        numbers. Anything else (a tensor, an array, a function, an object) is refused with an
+        InputError naming its key, before anything is written. A save that fails or is killed
+        leaves the previous file at ``path`` as it was.
+        """
         path = Path(path)
         if path.suffix != ".npz":
             path = path.with_name(path.name + ".npz")
+        if self.values.dtype.kind not in "biuf":
+            raise InputError(f"Scores.save stores numeric values only; these are of dtype {self.values.dtype}")
+        meta_json = json.dumps(_storable(self.meta, "meta"), allow_nan=True)
         arrays = {"values": self.values, "sample_ids": self.sample_ids,
-                  "meta_json": np.frombuffer(json.dumps(self.meta, default=_jsonable).encode(), dtype=np.uint8)}
+                  "meta_json": np.frombuffer(meta_json.encode(), dtype=np.uint8)}
         if self.test_ids is not None:
             arrays["test_ids"] = self.test_ids
         with atomic_path(path) as tmp:
@@ -125,13 +136,51 @@ class Scores:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Scores":
+        """Read a file written by :meth:`save`; anything else raises InputError saying what is wrong."""
         path = Path(path)
         if not path.exists() and path.suffix != ".npz":
             path = path.with_name(path.name + ".npz")  # the name save() was given
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(z["meta_json"].tobytes().decode())
-            test_ids = z["test_ids"] if "test_ids" in z.files else None
-            return cls(z["values"], z["sample_ids"], meta, test_ids)
+        if not path.is_file():
+            raise InputError(f"no scores file at {path}")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                missing = [k for k in ("values", "sample_ids", "meta_json") if k not in z.files]
+                if missing:
+                    raise InputError(f"{path} is not a hessfree scores file: it has no {', '.join(missing)}")
+                meta = json.loads(z["meta_json"].tobytes().decode())
+                test_ids = z["test_ids"] if "test_ids" in z.files else None
+                values, ids = z["values"], z["sample_ids"]
+        except InputError:
+            raise
+        except (OSError, ValueError, EOFError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
+            # ValueError covers a pickled (object) array, which is never loaded, and bad JSON
+            raise InputError(f"{path} cannot be read as a hessfree scores file ({type(exc).__name__}: {exc}); was it "
+                             "written by Scores.save and copied whole?") from exc
+        if not isinstance(meta, dict):
+            raise InputError(f"{path}: its metadata is not a JSON object")
+        if values.dtype.kind not in "biuf":
+            raise InputError(f"{path}: its values are of dtype {values.dtype}, not numbers")
+        return cls(values, ids, meta, test_ids)
+
+
+def _storable(obj: Any, where: str) -> Any:
+    """``obj`` as JSON stores it faithfully, or InputError naming the first thing it cannot store."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, np.generic) and obj.dtype.kind in "biuf":
+        return obj.item()
+    if isinstance(obj, (list, tuple)):
+        return [_storable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise InputError(f"Scores.save cannot store {where}: key {k!r} is not a string (JSON keys are strings)")
+            out[k] = _storable(v, f"{where}[{k!r}]")
+        return out
+    raise InputError(f"Scores.save cannot store {where} faithfully: it is a {type(obj).__name__} (JSON holds strings, "
+                     "numbers, booleans, None, lists and dicts); convert it (e.g. .tolist() for an array) or leave it "
+                     "out of meta")
 
 
 def resolve_k(k: Any, n: int) -> int:
@@ -158,11 +207,3 @@ def resolve_k(k: Any, n: int) -> int:
 def _order(key: np.ndarray) -> np.ndarray:
     """Positions from highest to lowest key along the last axis; ties keep the lower position first."""
     return np.argsort(-key, axis=-1, kind="stable")
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return str(obj)

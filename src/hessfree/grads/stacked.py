@@ -21,7 +21,8 @@ model cannot do either.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,24 @@ from hessfree.datasets import map_tensors
 
 class NotStackable(Exception):
     """These checkpoints cannot share one forward pass; score them one at a time."""
+
+
+@contextmanager
+def stacking_failures(active: bool) -> Iterator[None]:
+    """While several checkpoints share a pass (``active``), a torch RuntimeError raised by the work
+    inside (a later batch the stacked layers cannot take, memory) means that pass failed: it is
+    raised as NotStackable, chained to the original, for the caller to score the checkpoints one at
+    a time. Only the gradient work goes inside, never the reading of the user's dataset, and errors
+    of other types pass through unchanged, so a user's own exception surfaces at once."""
+    if not active:
+        yield
+        return
+    try:
+        yield
+    except NotStackable:
+        raise
+    except RuntimeError as exc:
+        raise NotStackable(f"{type(exc).__name__}: {exc}") from exc
 
 
 def stackable_kind(module: nn.Module) -> str | None:

@@ -15,7 +15,7 @@ from hessfree.datasets import as_index, dataset_size, iter_batches, sample_ids
 from hessfree.tasks import check_dataset_labels
 from hessfree.errors import InputError
 from hessfree.grads.engine import GradientEngine
-from hessfree.grads.stacked import NotStackable
+from hessfree.grads.stacked import NotStackable, stacking_failures
 from hessfree.grads.select import ParamSpec, select_parameters
 from hessfree.run import Run
 from hessfree.scores import SIGN_CONVENTION
@@ -214,12 +214,18 @@ class Scorer:
 
     def train_batches(self, grads: bool = True):
         """Yield (positions, batch, per-sample gradients or None) over the training data."""
-        for pos, batch in iter_batches(self.dataset, self.batch_size):
+        for pos, batch in iter_batches(self.dataset, self.batch_size):  # the user's dataset: errors as they are
             # every caller checks its per-sample scores for non-finite values (naming the sample ids)
-            g = (self.engine.batch_grads(batch, self.ids[pos], validate=not self.labels_checked, check_loss=False)
-                 if grads else None)
+            with self.stacking_failures():
+                g = (self.engine.batch_grads(batch, self.ids[pos], validate=not self.labels_checked,
+                                             check_loss=False) if grads else None)
             yield pos, batch, g
             self.bar.update(self.engine.stack)
+
+    def stacking_failures(self):
+        """Context: a torch RuntimeError inside means the stacked pass failed (NotStackable), while
+        several checkpoints are bound (:func:`hessfree.grads.stacked.stacking_failures`)."""
+        return stacking_failures(self.engine.stack > 1)
 
     def add(self, out: torch.Tensor, pos: np.ndarray, values: torch.Tensor, scale: float) -> None:
         """out[pos] += scale * values (float64 accumulation; a slice when pos is contiguous)."""

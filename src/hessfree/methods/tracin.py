@@ -54,10 +54,11 @@ def self_influence(run: Run, train_dataset: Dataset, *, params: ParamSpec = "all
             part = out if len(ks) == 1 else torch.zeros_like(out)  # a stacked group's sums, kept apart
             try:
                 for pos, _, grads in sc.train_batches():
-                    sq = grads.sq_norms().view(len(ks), -1)  # (checkpoints of the group, B)
+                    with sc.stacking_failures():
+                        sq = grads.sq_norms().view(len(ks), -1)  # (checkpoints of the group, B)
                     _check_finite(sq.double().sum(0), sc.ids[pos], "loss or gradient")
                     sc.add(part, pos, w @ sq.double(), 1.0)
-            except (NotStackable, RuntimeError) as e:
+            except NotStackable as e:
                 if part is out:
                     raise
                 sc.redo_alone(e)  # this group again, one checkpoint at a time
@@ -130,12 +131,16 @@ def pairwise_influence(run: Run, train_dataset: Dataset, test_dataset: Dataset, 
         for ks, etas in sc.checkpoint_groups():
             w = torch.tensor(etas, dtype=torch.float64, device=out.device)
             try:
-                if test_checked is None:
-                    test_checked = check_labels(sc.engine, test_dataset)
-                tests = [(p, as_index(p), g) for p, g in _merged(
-                    [(p, sc.engine.batch_grads(b, test_ids[p], validate=not test_checked))
-                     for p, b in iter_batches(test_dataset, batch_size)])]
-            except (NotStackable, RuntimeError) as e:
+                with sc.stacking_failures():
+                    if test_checked is None:
+                        test_checked = check_labels(sc.engine, test_dataset)
+                grads = []
+                for p, b in iter_batches(test_dataset, batch_size):  # the user's dataset: errors as they are
+                    with sc.stacking_failures():
+                        grads.append((p, sc.engine.batch_grads(b, test_ids[p], validate=not test_checked)))
+                with sc.stacking_failures():
+                    tests = [(p, as_index(p), g) for p, g in _merged(grads)]
+            except NotStackable as e:
                 if len(ks) == 1:
                     raise
                 sc.redo_alone(e)  # nothing added yet: this group again, one checkpoint at a time
@@ -144,7 +149,8 @@ def pairwise_influence(run: Run, train_dataset: Dataset, test_dataset: Dataset, 
                 for pos, _, tr in sc.train_batches():
                     c = as_index(pos)
                     for rows, r, te in tests:
-                        block = te.weighted_gram(tr, w).detach()  # (B_test, B_train) float64, Σ_k η_k
+                        with sc.stacking_failures():
+                            block = te.weighted_gram(tr, w).detach()  # (B_test, B_train) float64, Σ_k η_k
                         _check_finite(block.sum(0), sc.ids[pos], "loss or gradient")
                         if isinstance(r, slice) and isinstance(c, slice):
                             out[r, c].add_(block)
@@ -162,15 +168,14 @@ def _explained(group: int):
     pairwise sums of a group cannot be taken back without a second n_test × N buffer)."""
     try:
         yield
-    except (NotStackable, RuntimeError) as e:
-        if group == 1:
-            raise
+    except NotStackable as e:
         msg = (f"scoring {group} checkpoints in one pass failed part-way; pass stack=False to score one "
                "checkpoint at a time")
-        if isinstance(e, NotStackable):  # internal: say what happened and what to do
-            raise RuntimeError(f"{msg} ({e})") from e
-        e.add_note(msg)  # e.g. torch.OutOfMemoryError keeps its type
-        raise
+        cause = e.__cause__
+        if isinstance(cause, RuntimeError):  # torch's own error, e.g. torch.OutOfMemoryError, keeps its type
+            cause.add_note(msg)
+            raise cause from None
+        raise RuntimeError(f"{msg} ({e})") from e  # internal: say what happened and what to do
 
 
 _MERGE_SAMPLES = 4096

@@ -7,10 +7,12 @@ the wall time of each stage.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +25,14 @@ from torch.utils.data import TensorDataset
 
 from hessfree import baselines
 from hessfree.data import flip_labels
+from hessfree.errors import InputError, RunDirectoryError
 from hessfree.evaluate import metrics
 from hessfree.evaluate.retrain import evaluate_model
 from hessfree.io import write_json
 from hessfree.methods.tracin import self_influence
 from hessfree.run import fit
+from hessfree.run_dir import is_run
+from hessfree.scores import Scores
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +60,64 @@ def digits_noisy(noise: float, seed: int) -> dict[str, Any]:
             "flipped": flipped, "clean_labels": ytr}
 
 
+DEMO_FORMAT = "hessfree-demo"
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an output folder whose demo files exist (without ``overwrite``) or
+    are not the demo's own (ever): ``demo.json``, ``self_influence.npz`` and ``run/``."""
+    if out.exists() and not out.is_dir():
+        raise RunDirectoryError(f"{out} is a file, not a folder: choose another --out")
+    existing = [name for name in ("demo.json", "self_influence.npz", "run") if (out / name).exists()]
+    if existing and not overwrite:
+        raise RunDirectoryError(f"{out} already holds {', '.join(existing)}: pass --overwrite to replace the demo's "
+                                "results there (files the demo did not write are never touched), or choose another "
+                                "--out")
+    if "demo.json" in existing:
+        try:
+            ours = json.loads((out / "demo.json").read_text()).get("format") == DEMO_FORMAT
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise RunDirectoryError(f"{out / 'demo.json'} was not written by hessfree demo: it is never replaced; "
+                                    "choose another --out")
+    if "self_influence.npz" in existing:
+        try:
+            ours = Scores.load(out / "self_influence.npz").meta.get("method") == "self_influence"
+        except InputError:
+            ours = False
+        if not ours:
+            raise RunDirectoryError(f"{out / 'self_influence.npz'} is not a hessfree scores file: it is never "
+                                    "replaced; choose another --out")
+    if "run" in existing and any((out / "run").iterdir()) and not is_run(out / "run"):
+        raise RunDirectoryError(f"{out / 'run'} is not a hessfree run: it is never replaced; choose another --out")
+
+
 def run_demo(out_dir: str | os.PathLike = "results/demo", config: DemoConfig | None = None,
-             progress: bool = True) -> dict[str, Any]:
-    """Run the demo; write ``demo.json``, the run and the scores under ``out_dir``; return the result."""
+             progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Run the demo; write ``demo.json``, the run and the scores under ``out_dir``; return the result.
+
+    Results already in ``out_dir`` are replaced only with ``overwrite=True``, and only files the
+    demo wrote. ``demo.json`` is written first with ``"status": "running"`` and last with
+    ``"complete"`` (or ``"failed"``), so a folder whose demo was killed part-way says so.
+    """
     cfg = config or DemoConfig()
     out = Path(out_dir)
+    check_out_dir(out, overwrite)
+    header = {"format": DEMO_FORMAT, "config": asdict(cfg),
+              "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    write_json(out / "demo.json", {**header, "status": "running"})
+    try:
+        result = _run(out, cfg, progress)
+    except BaseException as exc:
+        write_json(out / "demo.json", {**header, "status": "failed", "error": f"{type(exc).__name__}: {exc}"})
+        raise
+    result = {**header, "status": "complete", **result}
+    write_json(out / "demo.json", result)
+    return result
+
+
+def _run(out: Path, cfg: DemoConfig, progress: bool) -> dict[str, Any]:
     timing: dict[str, float] = {}
     t = time.perf_counter()
     data = digits_noisy(cfg.noise, cfg.seed)
@@ -70,7 +128,7 @@ def run_demo(out_dir: str | os.PathLike = "results/demo", config: DemoConfig | N
     model = nn.Sequential(nn.Linear(64, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, 10))
     steps = -(-len(train) // cfg.batch_size) * cfg.epochs
     t = time.perf_counter()
-    # The demo owns out_dir/run: a previous demo run there is replaced (atomically, once complete).
+    # a previous demo run there was allowed by check_out_dir; it is replaced atomically, once complete
     run = fit(model, train, loss="cross_entropy", lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
               checkpoint_every=steps // cfg.n_checkpoints, seed=cfg.seed, run_dir=out / "run", overwrite=True,
               progress=progress)
@@ -94,11 +152,8 @@ def run_demo(out_dir: str | os.PathLike = "results/demo", config: DemoConfig | N
         if name == "self_influence":
             timing["self_influence_s"] = dt
             scores.save(out / "self_influence.npz")
-    result = {"config": asdict(cfg), "n_train": len(train), "n_flipped": int(flipped.sum()),
-              "n_checkpoints": len(run.checkpoints), "test_accuracy": test_acc, "timing": timing,
-              "methods": rows, "torch_threads": torch.get_num_threads()}
-    write_json(out / "demo.json", result)
-    return result
+    return {"n_train": len(train), "n_flipped": int(flipped.sum()), "n_checkpoints": len(run.checkpoints),
+            "test_accuracy": test_acc, "timing": timing, "methods": rows, "torch_threads": torch.get_num_threads()}
 
 
 def format_table(result: dict[str, Any]) -> str:
