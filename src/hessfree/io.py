@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 log = logging.getLogger(__name__)
@@ -145,8 +146,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        honour_umask(tmp)
         yield Path(tmp)
+        honour_umask(tmp)  # after writing: a writer may have replaced the file mkstemp made
         fsync_file(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
@@ -177,7 +178,14 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     # safetensors refuses shared / non-contiguous storage: store independent contiguous copies.
     clean = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(clean, str(tmp), metadata=metadata)
+        try:
+            save_file(clean, str(tmp), metadata=metadata)
+        except SafetensorError as exc:  # an I/O failure (a full disk) as the OSError it is
+            m = re.search(r"os error (\d+)", str(exc))
+            if m is None:
+                raise
+            code = int(m.group(1))
+            raise OSError(code, f"{os.strerror(code)} (writing {path})") from exc
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

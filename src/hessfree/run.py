@@ -575,24 +575,30 @@ def _record(model: nn.Module, train_dataset: Dataset, task: Task, ids: np.ndarra
 class _LossWatch:
     """Traces a non-finite training loss to the sample that caused it.
 
-    Every step keeps (largest per-sample loss, its position in the batch, the batch's median loss)
-    in one preallocated tensor, a few small operations per step and no host sync. When a loss is
-    not finite, the batch's inputs are checked first, then its per-sample losses; if every sample
-    of the batch is non-finite the model had diverged earlier, and the message names the sample
-    whose loss stood furthest above its batch's median before that.
+    Every step keeps (largest per-sample loss, its position in the batch, the second largest, the
+    batch's median) in one preallocated tensor: a few small operations per step, no host sync.
+    When a loss is not finite, the batch's inputs are checked first, then its per-sample losses
+    (while the model has not diverged, the non-finite ones are the samples' own); if the model had
+    diverged, the history says where that began: at the first step whose largest loss stood
+    :data:`JUMP` times above the usual loss level so far, either one sample alone (named) or the
+    whole batch (a learning rate too high).
     """
+
+    JUMP = 100.0
 
     def __init__(self, n_steps: int, ids: np.ndarray, positions: list[np.ndarray]):
         self.n_steps, self.ids, self.positions = n_steps, ids, positions
         self.history: Tensor | None = None
 
     def __call__(self, step: int, pos: np.ndarray, losses: Tensor, inputs: Any) -> None:
-        lo = losses.detach()
+        lo = losses.detach().reshape(-1)
         if self.history is None:
-            self.history = torch.full((self.n_steps, 3), float("nan"), dtype=torch.float64, device=lo.device)
+            self.history = torch.full((self.n_steps, 4), float("nan"), dtype=torch.float64, device=lo.device)
         if bool(torch.isfinite(lo).all()):
-            top, where = lo.max(0)
-            self.history[step] = torch.stack([top.double(), where.double(), lo.median().double()])
+            top = lo.topk(min(2, lo.numel()))
+            second = top.values[1] if lo.numel() > 1 else top.values[0].new_tensor(float("nan"))
+            self.history[step] = torch.stack([top.values[0].double(), top.indices[0].double(), second.double(),
+                                              lo.median().double()])
             return
         ids = self.ids[pos]
         bad_inputs = _nonfinite_rows(inputs, len(pos))
@@ -601,31 +607,54 @@ class _LossWatch:
                                  f"{ids[bad_inputs][:10].tolist()}: their inputs hold NaN or inf values; clean those "
                                  "samples' inputs or leave them out")
         finite = torch.isfinite(lo).cpu().numpy()
-        if finite.any():
+        if finite.any() and not self.diverged(step, lo[torch.as_tensor(finite, device=lo.device)]):
             raise NonFiniteError(f"non-finite training loss at step {step} for sample id(s) "
                                  f"{ids[~finite][:10].tolist()} while the other samples of the batch are finite; "
                                  "check those samples' inputs and labels")
-        raise NonFiniteError(f"non-finite training loss at step {step} for every sample of its batch: the model had "
-                             f"already diverged. {self.diagnosis(step)}")
+        raise NonFiniteError(f"non-finite training loss at step {step}: the model had already diverged. "
+                             f"{self.diagnosis(step)}")
+
+    def _steps(self, step: int) -> np.ndarray:
+        return self.history[:step].cpu().numpy() if self.history is not None else np.zeros((0, 4))
+
+    def diverged(self, step: int, finite_losses: Tensor) -> bool:
+        """Whether the steps before ``step``, or this batch's finite losses, jumped above the usual level."""
+        h = self._steps(step)
+        h = h[np.isfinite(h[:, 0])]
+        if not len(h):
+            return False
+        s = self._first_jump(h)
+        if s < len(h):
+            return True
+        return float(finite_losses.max()) > self.JUMP * max(float(np.median(h[:, 3])), 1e-6)
+
+    def _first_jump(self, h: np.ndarray) -> int:
+        for s in range(len(h)):
+            base = max(float(np.median(h[:max(s, 1), 3])), 1e-6)
+            if h[s, 0] > self.JUMP * base:
+                return s
+        return len(h)
 
     def diagnosis(self, step: int) -> str:
-        """Where the divergence most likely started, from the losses of the steps before ``step``."""
-        if self.history is None or step == 0:
-            return "It did so at the first step: lower the learning rate or check the initial weights."
-        h = self.history[:step].cpu().numpy()
+        """Where the divergence began, from the losses of the steps before ``step``."""
+        h = self._steps(step)
         ok = np.isfinite(h[:, 0])
         if not ok.any():
-            return "Lower the learning rate."
-        ratio = np.where(ok, h[:, 0] / np.maximum(np.abs(h[:, 2]), 1e-12), -np.inf)
-        s = int(np.argmax(ratio))
-        sid = int(self.ids[self.positions[s][int(h[s, 1])]])
-        if ratio[s] >= 100:
-            return (f"The largest loss before it was {h[s, 0]:.3g} for sample id {sid} at step {s}, {ratio[s]:.3g}x "
-                    f"its batch's median: check that sample's inputs and label (an extreme value there moves "
-                    "every weight), or lower the learning rate.")
-        first, last = int(np.argmax(ok)), int(len(ok) - 1 - np.argmax(ok[::-1]))
-        return (f"No single sample stood out (the batch median loss went from {h[first, 2]:.3g} at step {first} to "
-                f"{h[last, 2]:.3g} at step {last}): lower the learning rate.")
+            return "It did so at the first step: lower the learning rate or check the initial weights and data."
+        steps = np.flatnonzero(ok)
+        s = self._first_jump(h[ok])
+        if s == len(steps):
+            return (f"No step's losses stood out (the batch median loss went from {h[steps[0], 3]:.3g} at step "
+                    f"{steps[0]} to {h[steps[-1], 3]:.3g} at step {steps[-1]}): lower the learning rate.")
+        t = int(steps[s])
+        base = max(float(np.median(h[steps[:max(s, 1)], 3])), 1e-6)
+        if not h[t, 2] > self.JUMP * base:  # one sample alone (the second largest stayed usual)
+            sid = int(self.ids[self.positions[t][int(h[t, 1])]])
+            return (f"It began with sample id {sid} at step {t}: its loss {h[t, 0]:.3g} against a usual level of "
+                    f"{base:.3g}. Check that sample's inputs and label (an extreme value there moves every "
+                    "weight), or lower the learning rate.")
+        return (f"It began at step {t}, where the losses of the whole batch jumped (largest {h[t, 0]:.3g}, second "
+                f"{h[t, 2]:.3g}, against a usual level of {base:.3g}): lower the learning rate.")
 
     def check_parameters(self, step: int, params: list[tuple[str, nn.Parameter]]) -> None:
         for name, p in params:

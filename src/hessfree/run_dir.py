@@ -12,8 +12,8 @@ previous recording's files. At every moment ``D/manifest.json`` names a complete
 old one until the rename of the manifest, the new one after), so a run folder is never empty and
 never loads half-written. What a killed write leaves (a recording folder, or a data folder no
 manifest names) is removed by the next write to the same folder. Nothing is ever removed that
-hessfree did not write: a folder is removed only if it carries hessfree's marker file, a file
-only if the manifest hessfree wrote names it.
+hessfree did not write: a folder is removed only if it carries hessfree's marker file (such a
+folder is hessfree's, whole), a file only if the manifest hessfree wrote names it.
 
 The manifest records the SHA-256 and size of every file of the recording; :func:`verify_files`
 checks them, and :func:`validate_manifest` checks the values (finite positive learning rates,
@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import shutil
 from datetime import datetime, timezone
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 RUN_FORMAT = "hessfree-run"
-MARKER = ".hessfree-data"  # in every recording folder hessfree writes: {"pid": …, "created": …}
+MARKER = ".hessfree-data"  # in every recording folder: {"pid": writer, …} until committed, then {"pid": None, …}
 RECORDING_PREFIX = ".hessfree-recording-"
 DATA_PREFIX = "data-"
 
@@ -195,19 +196,22 @@ def _recordings(run_dir: Path) -> list[Path]:
 
 
 def _ours_and_dead(folder: Path) -> bool:
-    """A hessfree recording folder whose writer is gone: it carries the marker (or is empty, if
-    killed before the marker was written, which the name alone then tells)."""
+    """A hessfree recording folder whose writer is gone: it carries the marker naming a dead
+    process, or it is a recording folder of a dead process (pid in its name) killed while its
+    marker was being written (nothing inside but the marker's temporary)."""
     if folder.is_symlink() or not folder.is_dir():
         return False
     mark = _marker(folder)
-    if mark is None:
-        try:
-            return folder.name.startswith(RECORDING_PREFIX) and not any(folder.iterdir()) and not pid_alive(
-                int(folder.name[len(RECORDING_PREFIX):].split("-")[0]))
-        except (OSError, ValueError):
-            return False
-    pid = mark.get("pid")
-    return not (isinstance(pid, int) and pid_alive(pid))
+    if mark is not None:  # a committed folder names no pid: only a manifest keeps it
+        pid = mark.get("pid")
+        return not (isinstance(pid, int) and pid_alive(pid))
+    if not folder.name.startswith(RECORDING_PREFIX):
+        return False
+    try:
+        pid = int(folder.name[len(RECORDING_PREFIX):].split("-")[0])
+        return not pid_alive(pid) and all(e.name == MARKER or e.name.startswith(f".{MARKER}.") for e in folder.iterdir())
+    except (OSError, ValueError):
+        return False
 
 
 def leftovers(run_dir: Path, manifest: dict | None) -> list[Path]:
@@ -219,9 +223,19 @@ def leftovers(run_dir: Path, manifest: dict | None) -> list[Path]:
     out = []
     for p in sorted(run_dir.iterdir()):
         if p.name.startswith(RECORDING_PREFIX) or (p.name.startswith(DATA_PREFIX) and p.name not in live):
-            if _ours_and_dead(p):
+            if _ours_and_dead(p) or _emptied(p):
                 out.append(p)
     return out
+
+
+def _emptied(folder: Path) -> bool:
+    """An empty folder with the exact name of a data folder: one whose removal was killed between
+    its marker and the folder itself."""
+    try:
+        return (re.fullmatch(re.escape(DATA_PREFIX) + r"\d{8}T\d{6}-[0-9a-f]{6}", folder.name) is not None
+                and not folder.is_symlink() and folder.is_dir() and not any(folder.iterdir()))
+    except OSError:
+        return False
 
 
 def _older_leftovers(run_dir: Path) -> list[Path]:
@@ -236,8 +250,9 @@ def _older_leftovers(run_dir: Path) -> list[Path]:
 class Recording:
     """A recording in progress inside a run folder; :meth:`commit` makes it the live run."""
 
-    def __init__(self, root: Path, folder: Path):
+    def __init__(self, root: Path, folder: Path, made: list[Path]):
         self.root, self.dir = root, folder
+        self.made = made  # folders start() created (the run folder and its missing parents), deepest first
         self.committed = False
 
     @classmethod
@@ -266,27 +281,34 @@ class Recording:
                         "writes a run into a folder it did not make, even with overwrite=True: choose a new or "
                         "empty run_dir")
         for p in leftovers(root, manifest):
-            shutil.rmtree(p)
+            remove_marked(p)
             log.info("removed %s, left by a killed or failed recording", p)
         old = _older_leftovers(root)
         if old:
             log.warning("folders an older hessfree left beside %s when a recording was killed: %s; if you do not "
                         "need them (an '.old-' one may hold a previous run), remove them with: rm -r %s", root,
                         ", ".join(p.name for p in old), " ".join(str(p) for p in old))
+        made = [p for p in (root, *root.parents) if not p.exists()]
         root.mkdir(parents=True, exist_ok=True)
         folder = root / f"{RECORDING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        rec = cls(root, folder, made)
         folder.mkdir()
         try:
             write_json(folder / MARKER, {"pid": os.getpid(), "created": _now()})
         except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
+            rec.abort()
             raise
-        return cls(root, folder)
+        return rec
 
     def abort(self) -> None:
         """Remove this recording's folder (a failed or refused training), unless it is committed."""
         if not self.committed:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            remove_marked(self.dir)
+            for p in self.made:  # the folders made for it, if nothing else was put there meanwhile
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
 
     def commit(self, manifest: dict) -> None:
         """Make this recording the live run of the folder (see the module docstring for the order)."""
@@ -311,6 +333,9 @@ class Recording:
         fsync_dir(self.root)
         write_json(self.root / MANIFEST, manifest)  # the commit: atomic, flushed
         self.committed = True
+        # committed: from now on only the manifest keeps this folder (once no manifest names it, it
+        # is a leftover whoever wrote it, even while that process lives on)
+        write_json(self.dir / MARKER, {"pid": None, "committed": _now()})
         if old is not None:
             _remove_old(self.root, old, keep=set(referenced(manifest)))
 
@@ -318,16 +343,38 @@ class Recording:
         return f"Recording({str(self.dir)!r})"
 
 
+def remove_marked(folder: Path) -> None:
+    """Remove a folder of hessfree's, its marker last: a removal killed part-way leaves a folder
+    that still carries the marker, which the next write removes."""
+    if folder.is_symlink() or not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        if entry.name == MARKER:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    (folder / MARKER).unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:
+        shutil.rmtree(folder, ignore_errors=True)  # something appeared meanwhile: ours by the marker
+
+
 def _remove_old(root: Path, old: dict, keep: set[str]) -> None:
-    """Remove the files of the replaced recording: exactly those its manifest named (an older
-    layout kept them at the top of the run folder), then the folders they emptied, and its data
-    folder if it carries the marker. Anything else in the run folder stays."""
+    """Remove the replaced recording: its data folder whole if it carries hessfree's marker (a
+    folder with the marker is hessfree's, temporaries of a killed write included); otherwise (an
+    older layout kept the files at the top of the run folder) exactly the files its manifest named,
+    then the folders that left empty. Anything else in the run folder stays."""
     folders = set()
     for rel in referenced(old):
-        if rel in keep:
-            continue
         p = Path(rel)
-        if p.is_absolute() or ".." in p.parts:
+        if rel in keep or p.is_absolute() or ".." in p.parts:
+            continue
+        top = root / p.parts[0]
+        if len(p.parts) > 1 and top.name.startswith(DATA_PREFIX) and _marker(top) is not None:
+            remove_marked(top)
             continue
         try:
             (root / p).unlink()
@@ -335,8 +382,6 @@ def _remove_old(root: Path, old: dict, keep: set[str]) -> None:
             pass
         folders.update(root / q for q in list(p.parents)[:-1])
     for d in sorted(folders, key=lambda q: len(q.parts), reverse=True):
-        if d.name.startswith(DATA_PREFIX) and d.parent == root and _marker(d) is not None:
-            (d / MARKER).unlink(missing_ok=True)
         try:
             d.rmdir()  # only if empty: a user's file inside keeps it
         except OSError:

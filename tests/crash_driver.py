@@ -1,0 +1,172 @@
+"""Kill -9 sweep, run as a subprocess by test_crash_safety.py (not a test module itself).
+
+    python crash_driver.py fit|save WORKDIR
+
+Each file-system step hessfree takes while writing (mkdir, fsync, rename, unlink, rmdir, rmtree)
+is counted; for every step K and both sides of it, a forked child repeats the write and SIGKILLs
+itself just before or just after step K. The parent then checks that what is at the path loads
+and is either the old result or the new one, whole, and that the next write cleans up every
+leftover. Prints one JSON line: the number of kills and the outcomes seen.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+torch.set_num_threads(1)  # no thread pool in the parent: the children are forked
+
+import hessfree  # noqa: E402
+from hessfree import Scores  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import TensorDataset  # noqa: E402
+
+PATCHED = [(os, "replace"), (os, "rename"), (os, "unlink"), (os, "rmdir"), (os, "mkdir"), (os, "fsync"),
+           (shutil, "rmtree")]
+
+
+def arm(target: int, after: bool, counter: list[int]) -> None:
+    """Patch the file-system calls: count them, and SIGKILL this process at call ``target``."""
+    for mod, name in PATCHED:
+        real = getattr(mod, name)
+
+        def wrapped(*a, _real=real, **k):
+            counter[0] += 1
+            hit = counter[0] == target
+            if hit and not after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            try:
+                return _real(*a, **k)
+            finally:  # also when the call raised (mkdir of a folder that exists)
+                if hit and after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        setattr(mod, name, wrapped)
+
+
+def in_child(action, target: int, after: bool) -> tuple[int, int]:
+    """Run ``action`` in a forked child armed to die at call ``target``; (exit signal or 0, calls made)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        counter = [0]
+        arm(target, after, counter)
+        try:
+            action()
+        except BaseException as exc:  # noqa: BLE001
+            os.write(w, f"error {exc!r}".encode())
+            os._exit(3)
+        os.write(w, str(counter[0]).encode())
+        os._exit(0)
+    os.close(w)
+    _, status = os.waitpid(pid, 0)
+    msg = os.read(r, 4096).decode()
+    os.close(r)
+    if os.WIFSIGNALED(status):
+        return os.WTERMSIG(status), 0
+    if os.WEXITSTATUS(status) != 0:
+        raise SystemExit(f"child failed: {msg}")
+    return 0, int(msg)
+
+
+def model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def data(seed: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(24, 4, generator=g), torch.randint(0, 3, (24,), generator=g))
+
+
+def states(run) -> list[dict]:
+    return [run.checkpoint_state(k) for k in range(len(run))]
+
+
+def same(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[n], y[n]) for n in x)
+                                    for x, y in zip(a, b))
+
+
+def sweep_fit(work: Path) -> dict:
+    Q = dict(batch_size=8, epochs=2, checkpoint_every=3, progress=False)
+    pristine = work / "pristine"
+    hessfree.fit(model(0), data(0), run_dir=pristine, **Q)
+    (pristine / "notes.txt").write_text("the user's")  # never hessfree's to remove
+    old = states(hessfree.Run.load(pristine, model(0)))
+    new = states(hessfree.fit(model(1), data(1), run_dir=work / "reference", **Q))
+    rd = work / "run"
+
+    def write() -> None:
+        hessfree.fit(model(1), data(1), run_dir=rd, overwrite=True, **Q)
+
+    shutil.copytree(pristine, rd)
+    _, total = in_child(write, target=-1, after=False)
+    outcomes = {"old": 0, "new": 0, "leftovers": 0}
+    kills = 0
+    for target in range(1, total + 1):
+        for after in (False, True):
+            shutil.rmtree(rd)
+            shutil.copytree(pristine, rd)
+            sig, _ = in_child(write, target, after)
+            assert sig == signal.SIGKILL, (target, after, sig)
+            kills += 1
+            got = states(hessfree.Run.load(rd, model(0)))  # never empty, never half-written
+            if same(got, old):
+                outcomes["old"] += 1
+            elif same(got, new):
+                outcomes["new"] += 1
+            else:
+                raise AssertionError(f"kill at call {target} ({'after' if after else 'before'}): neither run")
+            assert (rd / "notes.txt").read_text() == "the user's"
+            live = json.loads((rd / "manifest.json").read_text())["steps"].split("/")[0]
+            outcomes["leftovers"] += len([p for p in rd.iterdir() if p.name not in (live, "manifest.json", "notes.txt")])
+            write()  # the next write cleans every leftover
+            assert same(states(hessfree.Run.load(rd, model(0))), new)
+            live = json.loads((rd / "manifest.json").read_text())["steps"].split("/")[0]
+            left = sorted(p.name for p in rd.iterdir())
+            assert left == sorted([live, "manifest.json", "notes.txt"]), (target, after, left)
+            assert sorted(p.name for p in work.iterdir()) == ["pristine", "reference", "run"]
+    return {"calls": total, "kills": kills, **outcomes}
+
+
+def sweep_save(work: Path) -> dict:
+    path = work / "scores.npz"
+    old = Scores(np.arange(5.0), np.arange(5), {"v": "old"})
+    new = Scores(np.arange(200_000.0)[::-1].copy(), np.arange(200_000), {"v": "new"})
+
+    def write() -> None:
+        new.save(path)
+
+    old.save(path)
+    _, total = in_child(write, target=-1, after=False)
+    outcomes = {"old": 0, "new": 0, "leftovers": 0}
+    kills = 0
+    for target in range(1, total + 1):
+        for after in (False, True):
+            old.save(path)
+            sig, _ = in_child(write, target, after)
+            assert sig == signal.SIGKILL
+            kills += 1
+            got = Scores.load(path)
+            key = got.meta["v"]
+            ref = {"old": old, "new": new}[key]
+            assert np.array_equal(got.values, ref.values) and np.array_equal(got.sample_ids, ref.sample_ids)
+            outcomes[key] += 1
+            outcomes["leftovers"] += len(os.listdir(work)) - 1
+            write()
+            assert sorted(p.name for p in work.iterdir()) == ["scores.npz"], sorted(os.listdir(work))
+    return {"calls": total, "kills": kills, **outcomes}
+
+
+if __name__ == "__main__":
+    mode, work = sys.argv[1], Path(sys.argv[2])
+    result = {"fit": sweep_fit, "save": sweep_save}[mode](work)
+    print(json.dumps(result))
