@@ -506,7 +506,7 @@ def _record(model: nn.Module, train_dataset: Dataset, task: Task, ids: np.ndarra
     positions: list[np.ndarray] = []
     step_lrs: list[float] = []
     checkpoints: list[Checkpoint] = []
-    watch = _LossWatch(n_steps, ids, positions)
+    watch = _LossWatch(n_steps, ids, positions, batch_size)
     model.train()
     t0 = time.perf_counter()
     bar = tqdm(total=n_steps, desc="fit", disable=not progress, leave=False)
@@ -575,30 +575,35 @@ def _record(model: nn.Module, train_dataset: Dataset, task: Task, ids: np.ndarra
 class _LossWatch:
     """Traces a non-finite training loss to the sample that caused it.
 
-    Every step keeps (largest per-sample loss, its position in the batch, the second largest, the
-    batch's median) in one preallocated tensor: a few small operations per step, no host sync.
-    When a loss is not finite, the batch's inputs are checked first, then its per-sample losses
-    (while the model has not diverged, the non-finite ones are the samples' own); if the model had
-    diverged, the history says where that began: at the first step whose largest loss stood
-    :data:`JUMP` times above the usual loss level so far, either one sample alone (named) or the
-    whole batch (a learning rate too high).
+    Every step's per-sample losses are kept in a preallocated ring buffer (the last
+    :data:`WINDOW_FLOATS` losses: one copy per step, no host sync). When a loss is not finite,
+    the batch's inputs are checked first, then its per-sample losses (while the model has not
+    diverged, the non-finite ones are the samples' own); if the model had diverged, the buffer
+    says where that began: at the first step whose largest loss stood :data:`JUMP` times above
+    the usual loss level so far, either one sample alone (named) or the whole batch (a learning
+    rate too high).
     """
 
     JUMP = 100.0
+    WINDOW_FLOATS = 1 << 22  # 16 MB of float32 losses
 
-    def __init__(self, n_steps: int, ids: np.ndarray, positions: list[np.ndarray]):
-        self.n_steps, self.ids, self.positions = n_steps, ids, positions
-        self.history: Tensor | None = None
+    def __init__(self, n_steps: int, ids: np.ndarray, positions: list[np.ndarray], batch_size: int):
+        self.ids, self.positions, self.width = ids, positions, batch_size
+        self.window = max(1, min(n_steps, self.WINDOW_FLOATS // max(1, batch_size)))
+        self.buffer: Tensor | None = None
+        self.seen = 0  # steps recorded
 
     def __call__(self, step: int, pos: np.ndarray, losses: Tensor, inputs: Any) -> None:
         lo = losses.detach().reshape(-1)
-        if self.history is None:
-            self.history = torch.full((self.n_steps, 4), float("nan"), dtype=torch.float64, device=lo.device)
         if bool(torch.isfinite(lo).all()):
-            top = lo.topk(min(2, lo.numel()))
-            second = top.values[1] if lo.numel() > 1 else top.values[0].new_tensor(float("nan"))
-            self.history[step] = torch.stack([top.values[0].double(), top.indices[0].double(), second.double(),
-                                              lo.median().double()])
+            if self.buffer is None:
+                self.buffer = torch.full((self.window, self.width), float("nan"), dtype=torch.float32,
+                                         device=lo.device)
+            row = self.buffer[step % self.window]
+            row[:lo.numel()].copy_(lo)
+            if lo.numel() < self.width:
+                row[lo.numel():] = float("nan")
+            self.seen = step + 1
             return
         ids = self.ids[pos]
         bad_inputs = _nonfinite_rows(inputs, len(pos))
@@ -614,13 +619,23 @@ class _LossWatch:
         raise NonFiniteError(f"non-finite training loss at step {step}: the model had already diverged. "
                              f"{self.diagnosis(step)}")
 
-    def _steps(self, step: int) -> np.ndarray:
-        return self.history[:step].cpu().numpy() if self.history is not None else np.zeros((0, 4))
+    def _steps(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, per-step stats: largest loss, its position in the batch, second largest, median)
+        for the recorded steps before ``step`` still in the window, oldest first."""
+        first = max(0, min(step, self.seen) - self.window)
+        steps = np.arange(first, min(step, self.seen))
+        if self.buffer is None or not len(steps):
+            return steps, np.zeros((0, 4))
+        L = self.buffer.cpu().numpy()[steps % self.window].astype(np.float64)
+        L = np.where(np.isnan(L), -np.inf, L)
+        order = np.argsort(-L, axis=1, kind="stable")
+        top = np.take_along_axis(L, order[:, :2], axis=1) if L.shape[1] > 1 else np.c_[L, np.full(len(L), -np.inf)]
+        med = np.nanmedian(np.where(np.isinf(L), np.nan, L), axis=1)
+        return steps, np.c_[top[:, 0], order[:, 0], top[:, 1], med]
 
     def diverged(self, step: int, finite_losses: Tensor) -> bool:
         """Whether the steps before ``step``, or this batch's finite losses, jumped above the usual level."""
-        h = self._steps(step)
-        h = h[np.isfinite(h[:, 0])]
+        _, h = self._steps(step)
         if not len(h):
             return False
         s = self._first_jump(h)
@@ -637,24 +652,22 @@ class _LossWatch:
 
     def diagnosis(self, step: int) -> str:
         """Where the divergence began, from the losses of the steps before ``step``."""
-        h = self._steps(step)
-        ok = np.isfinite(h[:, 0])
-        if not ok.any():
+        steps, h = self._steps(step)
+        if not len(steps):
             return "It did so at the first step: lower the learning rate or check the initial weights and data."
-        steps = np.flatnonzero(ok)
-        s = self._first_jump(h[ok])
+        s = self._first_jump(h)
         if s == len(steps):
             return (f"No step's losses stood out (the batch median loss went from {h[steps[0], 3]:.3g} at step "
                     f"{steps[0]} to {h[steps[-1], 3]:.3g} at step {steps[-1]}): lower the learning rate.")
         t = int(steps[s])
-        base = max(float(np.median(h[steps[:max(s, 1)], 3])), 1e-6)
-        if not h[t, 2] > self.JUMP * base:  # one sample alone (the second largest stayed usual)
-            sid = int(self.ids[self.positions[t][int(h[t, 1])]])
-            return (f"It began with sample id {sid} at step {t}: its loss {h[t, 0]:.3g} against a usual level of "
+        base = max(float(np.median(h[:max(s, 1), 3])), 1e-6)
+        if not h[s, 2] > self.JUMP * base:  # one sample alone (the second largest stayed usual)
+            sid = int(self.ids[self.positions[t][int(h[s, 1])]])
+            return (f"It began with sample id {sid} at step {t}: its loss {h[s, 0]:.3g} against a usual level of "
                     f"{base:.3g}. Check that sample's inputs and label (an extreme value there moves every "
                     "weight), or lower the learning rate.")
-        return (f"It began at step {t}, where the losses of the whole batch jumped (largest {h[t, 0]:.3g}, second "
-                f"{h[t, 2]:.3g}, against a usual level of {base:.3g}): lower the learning rate.")
+        return (f"It began at step {t}, where the losses of the whole batch jumped (largest {h[s, 0]:.3g}, second "
+                f"{h[s, 2]:.3g}, against a usual level of {base:.3g}): lower the learning rate.")
 
     def check_parameters(self, step: int, params: list[tuple[str, nn.Parameter]]) -> None:
         for name, p in params:
