@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from hessfree.datasets import as_index, dataset_size, iter_batches, sample_ids
+from hessfree.datasets import as_index, check_batch_size, dataset_size, iter_batches, sample_ids
 from hessfree.tasks import check_dataset_labels
 from hessfree.errors import InputError
 from hessfree.grads.engine import GradientEngine
@@ -79,8 +79,7 @@ class Scorer:
         self.t0 = time.perf_counter()
         self.ks = checkpoint_indices(run, checkpoints)
         self.n = dataset_size(train_dataset, "training dataset")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        batch_size = check_batch_size(batch_size)
         self.run, self.dataset, self.batch_size = run, train_dataset, batch_size
         self.ids = sample_ids(train_dataset)
         self.names = select_parameters(run.model, params)
