@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from typing import Any, Sequence
 
 import numpy as np
@@ -49,11 +50,23 @@ def checkpoint_indices(run: Run, checkpoints: Sequence[int] | str | None) -> lis
     return out
 
 
-def check_labels(engine: GradientEngine, dataset: Dataset) -> bool:
-    """Validate labels against the loss before the expensive loop (all of them for a TensorDataset).
+# What a method's second dataset is called in messages (its first is the training dataset).
+_SECOND_DATASET = {"pairwise_influence": "test dataset", "outlier_gradient": "reference dataset"}
+_ROLES: "weakref.WeakKeyDictionary[GradientEngine, tuple[Dataset, str]]" = weakref.WeakKeyDictionary()
+
+
+def check_labels(engine: GradientEngine, dataset: Dataset, what: str | None = None) -> bool:
+    """Validate labels against the loss before the expensive loop (all of them for a TensorDataset),
+    and that the model runs on the dataset's first batch (else InputError naming the dataset and its
+    input shapes). ``what``: the dataset's name in messages; by default "training dataset" for the
+    dataset of the engine's :class:`Scorer` and the method's other dataset ("test dataset",
+    "reference dataset") for any other.
 
     Returns True when every label was checked (per-batch checks can then be skipped)."""
-    return check_dataset_labels(engine.task, engine.forward, engine.prepare, dataset, sample_ids(dataset))
+    if what is None:
+        train, other = _ROLES.get(engine, (None, "dataset"))
+        what = "training dataset" if dataset is train else other
+    return check_dataset_labels(engine.task, engine.forward, engine.prepare, dataset, sample_ids(dataset), what)
 
 
 _STACK_BYTES = 1 << 28  # stacked weights of one checkpoint group
@@ -84,6 +97,7 @@ class Scorer:
         self.ids = sample_ids(train_dataset)
         self.names = select_parameters(run.model, params)
         self.engine = GradientEngine(run.model, run.task, self.names, device=device, dtype=dtype, ghost=ghost)
+        _ROLES[self.engine] = (train_dataset, _SECOND_DATASET.get(method, "dataset"))
         self.method = method
         self.params_spec = params if isinstance(params, str) else list(params)
         self.progress = progress
