@@ -19,10 +19,17 @@ from hessfree.errors import InputError
 
 
 def dataset_size(dataset: Dataset, what: str = "dataset") -> int:
+    """The number of samples of a map-style dataset; InputError (naming ``what``) for anything else
+    or an empty one."""
     try:
         n = len(dataset)  # type: ignore[arg-type]
     except TypeError as exc:
-        raise InputError(f"the {what} must be a map-style dataset with __len__ and __getitem__") from exc
+        raise InputError(f"the {what} must be a map-style dataset with __len__ and __getitem__, got a "
+                         f"{type(dataset).__name__}") from exc
+    if not callable(getattr(dataset, "__getitem__", None)):
+        raise InputError(f"the {what} must be a map-style dataset with __len__ and __getitem__, got a "
+                         f"{type(dataset).__name__}, which cannot be indexed; wrap its samples in a "
+                         "torch.utils.data.TensorDataset or a list of (input, target) pairs")
     if n == 0:
         raise InputError(f"the {what} is empty: pass at least one sample")
     return n
@@ -115,11 +122,17 @@ def _fetch(dataset: Dataset, positions: np.ndarray, contiguous: bool = False) ->
     return tuple(t[index] for t in base.tensors)
 
 
+def check_batch_size(batch_size: Any, what: str = "batch_size") -> int:
+    """``batch_size`` as an int >= 1; InputError for anything else (0, -1, 1.5, True, "8")."""
+    if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise InputError(f"{what} must be a positive integer, got {batch_size!r}")
+    return int(batch_size)
+
+
 def iter_batches(dataset: Dataset, batch_size: int, order: np.ndarray | None = None
                  ) -> Iterator[tuple[np.ndarray, Any]]:
     """Yield (positions, collated batch) over ``dataset`` in ``order`` (default: 0..N-1)."""
-    if batch_size < 1:
-        raise InputError(f"batch_size must be a positive integer, got {batch_size}")
+    batch_size = check_batch_size(batch_size)
     n = dataset_size(dataset)
     contiguous = order is None  # 0..N-1: every batch is a slice
     order = np.arange(n, dtype=np.int64) if order is None else np.asarray(order, dtype=np.int64)

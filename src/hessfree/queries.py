@@ -21,7 +21,22 @@ from torch.utils.data import Dataset
 
 from hessfree.datasets import dataset_size, iter_batches, sample_ids, to_device
 from hessfree.errors import InputError, LabelError
-from hessfree.tasks import Task, check_dataset_labels
+from hessfree.tasks import Task, check_model_on, first_batch_of
+
+
+def _outputs(model: nn.Module, task: Task, inputs: Any, what: str) -> Tensor:
+    """The model's outputs on ``inputs`` (cast to its dtype and device), in eval mode and without
+    gradients, changing nothing; a model that fails on them raises InputError naming ``what``."""
+    dtype = next((p.dtype for p in model.parameters()), None)
+    device = next((p.device for p in model.parameters()), None)
+    x = to_device(inputs, device, dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), first_batch_of(what, x):
+            return task.safe_forward(model, x)
+    finally:
+        model.train(was_training)
 
 
 class Query:
@@ -59,18 +74,10 @@ class ValLoss(Query):
 
     def check(self, model: nn.Module, task: Task) -> None:
         """The labels against the run's loss (all of them for a TensorDataset, else the first batch)."""
-        dtype = next((p.dtype for p in model.parameters()), None)
-        device = next((p.device for p in model.parameters()), None)
-        was_training = model.training
-        model.eval()  # one forward, changing nothing (no BatchNorm statistics, no dropout draw)
-        try:
-            check_dataset_labels(task, lambda x: task.safe_forward(model, x),
-                                 lambda b: task.split(to_device(b, device, dtype)), self.dataset,
-                                 sample_ids(self.dataset))
+        try:  # one forward, changing nothing (eval mode: no BatchNorm statistics, no dropout draw)
+            check_model_on(model, task, self.dataset, sample_ids(self.dataset), "validation dataset of the query")
         except LabelError as e:
             raise LabelError(f"the query's validation dataset: {e}") from e
-        finally:
-            model.train(was_training)
 
     def prepare(self, dtype: torch.dtype, device: Any) -> None:
         self._n = dataset_size(self.dataset, "validation dataset of the query")
@@ -101,6 +108,13 @@ class Prediction(Query):
             raise InputError("Prediction needs a non-empty batch tensor of inputs (first dimension = samples)")
         if isinstance(self.index, bool) or not isinstance(self.index, int) or self.index < 0:
             raise InputError(f"Prediction index must be a non-negative int, got {self.index!r}")
+
+    def check(self, model: nn.Module, task: Task) -> None:
+        """The model runs on the inputs (its first 8) and has an output ``index``."""
+        out = _outputs(model, task, self.inputs[:8], "Prediction query's inputs")
+        width = out.reshape(out.shape[0], -1).shape[1] if out.ndim else 0
+        if self.index >= width:
+            raise InputError(f"Prediction index {self.index} is outside the model's {width} outputs")
 
     def prepare(self, dtype: torch.dtype, device: Any) -> None:
         self._x = to_device(self.inputs, device, dtype)
@@ -133,6 +147,15 @@ class Saliency(Query):
         if isinstance(self.coordinate, bool) or not isinstance(self.coordinate, int) or \
                 not 0 <= self.coordinate < self.x.numel():
             raise InputError(f"Saliency coordinate must be an int in [0, {self.x.numel()}), got {self.coordinate!r}")
+
+    def check(self, model: nn.Module, task: Task) -> None:
+        """The model runs on x (as a batch of one) and y suits the loss."""
+        out = _outputs(model, task, self.x[None], "Saliency query's input")
+        y = torch.as_tensor(self.y)
+        try:
+            task.validate(out, y.reshape(1, *y.shape))
+        except LabelError as e:
+            raise LabelError(f"the Saliency query's label: {e}") from e
 
     def prepare(self, dtype: torch.dtype, device: Any) -> None:
         self._x = to_device(self.x, device, dtype)

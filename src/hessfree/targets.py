@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from hessfree.datasets import dataset_size, iter_batches, sample_ids, to_device
+from hessfree.datasets import check_batch_size, dataset_size, iter_batches, sample_ids, tensors_in, to_device
 from hessfree.errors import InputError
+from hessfree.grads.engine import _check_finite
+from hessfree.tasks import first_batch_of, first_outputs, validate_labels
 
 if TYPE_CHECKING:
     from hessfree.grads.engine import GradientEngine
@@ -29,6 +32,17 @@ def summed_gradient(engine: "GradientEngine", parts) -> dict[str, Tensor]:
     if total is None:
         raise InputError("the target has no data to differentiate")
     return total
+
+
+def check_data(engine: "GradientEngine", dataset: Dataset, labels: bool = True, what: str = "target dataset") -> Tensor:
+    """Before a target's gradient is formed: the model runs on the first batch of ``dataset``
+    (else :class:`InputError` naming the dataset and its input shapes) and, with ``labels``, the
+    labels suit the run's loss (all of them for a TensorDataset). Returns the first batch's
+    outputs. One small forward without gradients."""
+    outputs, targets = first_outputs(engine.forward, engine.prepare, dataset, what)
+    if labels:
+        validate_labels(engine.task, outputs, targets, dataset, sample_ids(dataset))
+    return outputs
 
 
 class Target:
@@ -64,6 +78,7 @@ class Loss(Target):
 
     def validate(self) -> None:
         dataset_size(self.dataset, "target dataset")
+        check_batch_size(self.batch_size)
 
     def value(self, engine: "GradientEngine") -> Tensor:
         n = dataset_size(self.dataset, "target dataset")
@@ -74,13 +89,16 @@ class Loss(Target):
     def gradient(self, engine: "GradientEngine") -> dict[str, Tensor]:
         n = dataset_size(self.dataset, "target dataset")
         ids = sample_ids(self.dataset)
+        check_data(engine, self.dataset)
 
         def parts():
             for pos, batch in iter_batches(self.dataset, self.batch_size):
                 inputs, targets = engine.prepare(batch)
                 outputs = engine.forward(inputs)
                 engine.task.validate(outputs, targets, ids[pos])
-                yield engine.task.per_sample_loss(outputs, targets).sum() / n
+                losses = engine.task.per_sample_loss(outputs, targets)
+                _check_finite(losses, ids[pos], "loss of target dataset")
+                yield losses.sum() / n
 
         return summed_gradient(engine, parts())
 
@@ -102,9 +120,22 @@ class Prediction(Target):
         self.inputs = inputs
         self.class_index = class_index
 
+    def validate(self) -> None:
+        if not tensors_in(self.inputs) or any(t.ndim == 0 or len(t) == 0 for t in tensors_in(self.inputs)):
+            raise InputError(f"Prediction needs inputs: a non-empty tensor (or nested tensors) of inputs for the "
+                             f"model, got {type(self.inputs).__name__}")
+        ci = self.class_index
+        try:
+            t = None if ci is None else torch.as_tensor(ci)
+        except (TypeError, ValueError, RuntimeError):
+            t = torch.zeros(0)  # refused below
+        if t is not None and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool or t.ndim > 1):
+            raise InputError(f"class_index must be an int, a tensor of one class per input, or None, got {ci!r}")
+
     def value(self, engine: "GradientEngine") -> Tensor:
         x = to_device(self.inputs, engine.device, engine.dtype)
-        out = engine.forward(x)
+        with first_batch_of("Prediction target's inputs", x):
+            out = engine.forward(x)
         if out.ndim == 1 or (out.ndim == 2 and out.shape[1] == 1):
             if self.class_index not in (None, 0):
                 raise InputError("a one-logit model has no class_index other than 0/None")
@@ -152,6 +183,8 @@ class _GroupGap(Target):
 
     goal = "minimize"
 
+    uses_labels = False  # does the gap use the run's loss on the labels (then they are checked against it)?
+
     def __init__(self, dataset: Dataset, sensitive: Any, positive_class: int = 1, batch_size: int = 512):
         self.dataset, self.sensitive, self.positive_class, self.batch_size = dataset, sensitive, positive_class, batch_size
         self._w: Tensor | None = None
@@ -175,7 +208,22 @@ class _GroupGap(Target):
         raise NotImplementedError
 
     def validate(self) -> None:
+        pc = self.positive_class
+        if isinstance(pc, (bool, np.bool_)) or not isinstance(pc, (int, np.integer)) or pc < 0:
+            raise InputError(f"positive_class must be a non-negative int (a class index), got {pc!r}")
+        check_batch_size(self.batch_size)
         self._w = self.weights()  # checks the dataset, the sensitive mask and both groups
+
+    def check_data(self, engine: "GradientEngine") -> None:
+        """The model runs on the dataset, the labels suit the loss (if used) and positive_class is one
+        of the model's classes, before any gradient is formed."""
+        out = check_data(engine, self.dataset, labels=self.uses_labels)
+        one_logit = out.ndim == 1 or (out.ndim == 2 and out.shape[1] == 1)
+        classes = 2 if one_logit else out.shape[-1]
+        if self.positive_class >= classes:
+            raise InputError(f"positive_class {self.positive_class} is not a class of the model: "
+                             + ("a one-logit model has classes 0 and 1" if one_logit else
+                                f"its {classes} outputs are classes 0..{classes - 1}"))
 
     def _phi(self, engine: "GradientEngine", outputs: Tensor, targets: Any) -> Tensor:
         return _positive_probability(outputs, self.positive_class)
@@ -184,9 +232,11 @@ class _GroupGap(Target):
         if self._w is None:
             self.validate()
         w = self._w.to(engine.device)  # type: ignore[union-attr]
+        ids = sample_ids(self.dataset)
         for pos, batch in iter_batches(self.dataset, self.batch_size):
             inputs, targets = engine.prepare(batch)
             phi = self._phi(engine, engine.forward(inputs), targets)
+            _check_finite(phi, ids[pos], "output of target dataset")
             yield (w[torch.as_tensor(pos, device=w.device)].to(phi.dtype) * phi).sum()
 
     def signed(self, engine: "GradientEngine") -> Tensor:
@@ -197,6 +247,7 @@ class _GroupGap(Target):
         return self.signed(engine).abs()
 
     def gradient(self, engine: "GradientEngine") -> dict[str, Tensor]:
+        self.check_data(engine)
         with torch.no_grad():
             sign = 1.0 if float(self.signed(engine)) >= 0 else -1.0
         return summed_gradient(engine, (sign * part for part in self._signed_parts(engine)))
@@ -228,6 +279,7 @@ class EqualOpportunity(_GroupGap):
             raise InputError(f"form must be 'loss' or 'tpr', got {form!r}")
         super().__init__(dataset, sensitive, positive_class, batch_size)
         self.form = form
+        self.uses_labels = form == "loss"
 
     def weights(self) -> Tensor:
         s = _binary_mask(self.sensitive, dataset_size(self.dataset, "target dataset"), "sensitive")
@@ -327,6 +379,7 @@ class Robustness(Target):
 
     def validate(self) -> None:
         dataset_size(self.dataset, "target dataset")
+        check_batch_size(self.batch_size)
         if not isinstance(self.attack, (FGSM, PGD, Boundary)):
             raise InputError("attack must be hessfree.targets.FGSM, PGD or Boundary")
 
@@ -336,6 +389,7 @@ class Robustness(Target):
 
     def attacked(self, engine: "GradientEngine") -> list[tuple[Tensor, Any]]:
         """The attacked inputs (and their labels) at the engine's bound checkpoint."""
+        check_data(engine, self.dataset)  # the model runs on it, the labels suit the loss: before any attack
         out = []
         for _, batch in iter_batches(self.dataset, self.batch_size):
             x, y = engine.prepare(batch)
@@ -351,8 +405,17 @@ class Robustness(Target):
 
     def gradient(self, engine: "GradientEngine") -> dict[str, Tensor]:
         n = dataset_size(self.dataset, "target dataset")
-        return summed_gradient(engine, (engine.task.per_sample_loss(engine.forward(x), y).sum() / n
-                                        for x, y in self.attacked(engine)))
+        ids = sample_ids(self.dataset)
+
+        def parts():
+            start = 0
+            for x, y in self.attacked(engine):
+                losses = engine.task.per_sample_loss(engine.forward(x), y)
+                _check_finite(losses, ids[start:start + len(losses)], "loss on attacked inputs of target dataset")
+                start += len(losses)
+                yield losses.sum() / n
+
+        return summed_gradient(engine, parts())
 
     def describe(self) -> dict[str, Any]:
         return {"name": "Robustness", "goal": self.goal, **self.attack.describe()}

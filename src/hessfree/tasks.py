@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -18,8 +19,8 @@ from torch import Tensor, nn
 
 from torch.utils.data import Dataset
 
-from hessfree.datasets import iter_batches, map_tensors, tensor_rows, tensors_in
-from hessfree.errors import InputError, LabelError
+from hessfree.datasets import iter_batches, leaves_in, map_tensors, tensor_rows, tensors_in, to_device
+from hessfree.errors import HessfreeError, InputError, LabelError
 
 log = logging.getLogger(__name__)
 
@@ -230,18 +231,69 @@ def resolve_task(loss: str | Task) -> Task:
     raise InputError(f"unknown loss {loss!r}: use one of {sorted(_BUILTIN)} or a hessfree.Task subclass instance")
 
 
+def input_shapes(inputs: Any) -> str:
+    """The shapes of a batch's inputs, for messages: ``(8, 7)``, or ``x: (8, 7), mask: (8,)``."""
+    if isinstance(inputs, Tensor):
+        return str(tuple(inputs.shape))
+    if isinstance(inputs, dict):
+        return ", ".join(f"{k}: {input_shapes(v)}" for k, v in inputs.items())
+    leaves = leaves_in(inputs)
+    if not leaves:
+        return f"an empty {type(inputs).__name__}"
+    return ", ".join(str(tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__ for t in leaves)
+
+
+@contextmanager
+def first_batch_of(what: str, inputs: Any) -> Iterator[None]:
+    """Run the first forward pass of the model on a dataset (or a target's inputs) inside this: an
+    error the model raises there (a RuntimeError such as "mat1 and mat2 shapes cannot be
+    multiplied", a TypeError, an IndexError of an embedding, a ValueError) becomes an
+    :class:`InputError` that names ``what`` ("training dataset", "test dataset", ...), the batch's
+    input shapes and the original message, chained with ``from``.
+
+    Only the first batch: an error the model raises later is not a question of the data's shape
+    and surfaces as it is. Out-of-memory errors, NotImplementedError (a model without a forward)
+    and hessfree's own errors are never converted."""
+    try:
+        yield
+    except (HessfreeError, torch.OutOfMemoryError, NotImplementedError):
+        raise
+    except (RuntimeError, TypeError, IndexError, ValueError) as exc:
+        raise InputError(
+            f"the model failed on the first batch of the {what}, inputs of shape {input_shapes(inputs)}: "
+            f"{type(exc).__name__}: {exc}. Check that the {what} holds inputs of the shape and dtype the model "
+            "expects (e.g. as many features as its first layer takes)") from exc
+
+
+def first_outputs(forward: Callable[[Any], Tensor], prepare: Callable[[Any], tuple[Any, Any]], dataset: Dataset,
+                  what: str, rows: int = 8) -> tuple[Tensor, Any]:
+    """(outputs, targets) of the model on the first ``rows`` samples of ``dataset``, without
+    gradients; a failure of the model there raises :class:`InputError` naming ``what`` (see
+    :func:`first_batch_of`)."""
+    _, first = next(iter_batches(dataset, rows))
+    inputs, targets = prepare(first)
+    with torch.no_grad(), first_batch_of(what, inputs):
+        outputs = forward(inputs)
+    return outputs, targets
+
+
 def check_dataset_labels(task: Task, forward: Callable[[Any], Tensor], prepare: Callable[[Any], tuple[Any, Any]],
-                         dataset: Dataset, ids: Any) -> bool:
+                         dataset: Dataset, ids: Any, what: str = "training dataset") -> bool:
     """Validate a dataset's labels against the loss before any expensive loop starts.
 
-    One small forward pass gives the output shape; a ``TensorDataset`` of (x, y), or a chain of
-    Subsets over one, then has ALL its labels checked at once, other datasets their first batch
-    (later batches are checked as they come).
+    One small forward pass gives the output shape (a model that fails on it raises
+    :class:`InputError` naming ``what`` and the inputs' shapes); a ``TensorDataset`` of (x, y), or
+    a chain of Subsets over one, then has ALL its labels checked at once, other datasets their
+    first batch (later batches are checked as they come).
     """
-    _, first = next(iter_batches(dataset, 8))
-    inputs, targets = prepare(first)
-    with torch.no_grad():
-        outputs = forward(inputs)
+    outputs, targets = first_outputs(forward, prepare, dataset, what)
+    return validate_labels(task, outputs, targets, dataset, ids)
+
+
+def validate_labels(task: Task, outputs: Tensor, targets: Any, dataset: Dataset, ids: Any) -> bool:
+    """Validate the labels of ``dataset`` against the loss, given the model's ``outputs`` and the
+    ``targets`` of its first batch: those, and for a TensorDataset (or a Subset chain over one)
+    ALL its labels at once. Returns True when every label was checked."""
     task.validate(outputs, targets, ids[: len(outputs)])
     rows = tensor_rows(dataset, np.arange(len(ids)))  # a TensorDataset, or a Subset chain over one
     if rows is not None and len(rows[0].tensors) == 2:
@@ -250,3 +302,17 @@ def check_dataset_labels(task: Task, forward: Callable[[Any], Tensor], prepare: 
         task.validate(outputs[:1].expand(len(labels), *outputs.shape[1:]), labels, ids)
         return True
     return False
+
+
+def check_model_on(model: nn.Module, task: Task, dataset: Dataset, ids: Any, what: str) -> bool:
+    """:func:`check_dataset_labels` for a bare model (in its own dtype and device), changing nothing:
+    the model runs in eval mode (no BatchNorm statistics, no dropout draw) and is put back."""
+    dtype = next((p.dtype for p in model.parameters()), None)
+    device = next((p.device for p in model.parameters()), None)
+    was_training = model.training
+    model.eval()
+    try:
+        return check_dataset_labels(task, lambda x: task.safe_forward(model, x),
+                                    lambda b: task.split(to_device(b, device, dtype)), dataset, ids, what)
+    finally:
+        model.train(was_training)

@@ -17,8 +17,8 @@ Conventions
   even neighbour).
 
 Every metric returns a Python ``float`` except :func:`detection_curve`, which
-returns a dict of NumPy arrays. Invalid input raises ``ValueError`` with a
-message saying how to fix it.
+returns a dict of NumPy arrays. Invalid input raises ``hessfree.InputError``
+(a ``ValueError``) with a message saying how to fix it.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import numpy as np
 from scipy import stats
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from hessfree.errors import InputError
 from hessfree.scores import resolve_k
 
 __all__ = [
@@ -71,23 +72,23 @@ def _as_vector(x: Any, name: str) -> np.ndarray:
         try:
             arr = arr.astype(np.float64)
         except (TypeError, ValueError):
-            raise ValueError(
+            raise InputError(
                 f"{name} must be a 1-D array of real numbers (NumPy array, list, "
                 f"torch tensor or a Scores object); got dtype {arr.dtype}."
             ) from None
     if np.iscomplexobj(arr):
-        raise ValueError(f"{name} must be real-valued; pass the real part explicitly.")
+        raise InputError(f"{name} must be real-valued; pass the real part explicitly.")
     arr = arr.astype(np.float64)
     if arr.ndim != 1:
-        raise ValueError(
+        raise InputError(
             f"{name} must be 1-D with one entry per training point; got shape "
             f"{arr.shape}. Flatten it (e.g. .ravel()) or pick the column you mean."
         )
     if arr.size == 0:
-        raise ValueError(f"{name} is empty; pass at least one entry per training point.")
+        raise InputError(f"{name} is empty; pass at least one entry per training point.")
     if not np.all(np.isfinite(arr)):
         n_bad = int(np.sum(~np.isfinite(arr)))
-        raise ValueError(
+        raise InputError(
             f"{name} contains {n_bad} NaN or infinite value(s); replace or drop them "
             f"(e.g. np.nan_to_num) before computing metrics."
         )
@@ -98,12 +99,12 @@ def _as_mask(truth: Any, n: int) -> np.ndarray:
     """Boolean mask of shape ``(n,)`` from a bool / 0-1 array-like."""
     arr = _to_numpy(truth)
     if arr.ndim != 1:
-        raise ValueError(
+        raise InputError(
             f"truth must be a 1-D boolean/0-1 mask with one entry per training point; "
             f"got shape {arr.shape}."
         )
     if arr.shape[0] != n:
-        raise ValueError(
+        raise InputError(
             f"scores has {n} entries but truth has {arr.shape[0]}; they must be "
             f"aligned, one entry per training point."
         )
@@ -112,11 +113,11 @@ def _as_mask(truth: Any, n: int) -> np.ndarray:
     try:
         num = arr.astype(np.float64)
     except (TypeError, ValueError):
-        raise ValueError(
+        raise InputError(
             f"truth must be a boolean or 0/1 mask; got dtype {arr.dtype}."
         ) from None
     if not np.all((num == 0) | (num == 1)):
-        raise ValueError(
+        raise InputError(
             "truth must be a boolean or 0/1 mask (True/1 = corrupted); it contains "
             "other values. Threshold real-valued labels first, or use pearson/"
             "spearman/kendall for real-valued targets."
@@ -134,7 +135,7 @@ def _require_both_classes(y: np.ndarray, metric: str) -> None:
     n_pos = int(y.sum())
     if n_pos == 0 or n_pos == y.shape[0]:
         which = "no corrupted (True)" if n_pos == 0 else "no clean (False)"
-        raise ValueError(
+        raise InputError(
             f"{metric} needs at least one corrupted and one clean point, but truth has "
             f"{which} points; check the mask or use a metric such as precision_at_k."
         )
@@ -142,7 +143,7 @@ def _require_both_classes(y: np.ndarray, metric: str) -> None:
 
 def _require_positive(y: np.ndarray, metric: str) -> None:
     if not y.any():
-        raise ValueError(
+        raise InputError(
             f"{metric} needs at least one corrupted (True) point in truth, since it "
             f"divides by the number of corrupted points; check the mask."
         )
@@ -283,23 +284,23 @@ def _pair(a: Any, b: Any, metric: str, need_variation: bool = True) -> tuple[np.
         # a Scores object is read as suspicion() (higher = more harmful), which for an influence score
         # is −values: compared with a plain array (e.g. an oracle's F(removed) − F(original)) that
         # silently flips the sign of the correlation
-        raise ValueError(
+        raise InputError(
             f"{metric}: one argument is a Scores object and the other a plain array; pass "
             "scores.values (raw values, the sign of an oracle's F(removed) - F(original)) or "
             "scores.suspicion() (higher = more harmful) explicitly.")
     x = _as_vector(a, "a")
     y = _as_vector(b, "b")
     if x.shape[0] != y.shape[0]:
-        raise ValueError(
+        raise InputError(
             f"a has {x.shape[0]} entries but b has {y.shape[0]}; {metric} needs two "
             f"vectors aligned on the same training points."
         )
     if need_variation:
         if x.shape[0] < 2:
-            raise ValueError(f"{metric} needs at least 2 points; got {x.shape[0]}.")
+            raise InputError(f"{metric} needs at least 2 points; got {x.shape[0]}.")
         for name, v in (("a", x), ("b", y)):
             if np.ptp(v) == 0:
-                raise ValueError(
+                raise InputError(
                     f"{name} is constant, so {metric} is undefined; check that the "
                     f"scores were computed (not all zeros) before comparing them."
                 )

@@ -35,6 +35,46 @@ log = logging.getLogger(__name__)
 _VMAP_BYTES = 1 << 28  # per-chunk budget of materialised fallback gradients
 
 
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_dtype_device(dtype: Any, device: Any, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
+                       ) -> tuple[torch.dtype, torch.device]:
+    """(dtype, device) of a computation, checked before any work: ``dtype`` one of ``dtypes`` (a
+    torch dtype, not a string), ``device`` None (the CPU), a device string or a torch.device that
+    this PyTorch build and machine have. Raises :class:`InputError` saying what to pass instead."""
+    names = ", ".join(str(d) for d in dtypes)
+    if isinstance(dtype, str):
+        raise InputError(f"dtype must be a torch dtype ({names}), got the string {dtype!r}; pass e.g. "
+                         f"torch.{dtype.replace('torch.', '')} instead")
+    if dtype not in dtypes:
+        raise InputError(f"dtype must be a floating torch dtype ({names}), got {dtype!r}: gradients are "
+                         "computed in floating point (the model's inputs keep their own dtype)")
+    if device is None:
+        return dtype, torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise InputError(f"device {device!r} is not a torch device ({exc}); pass 'cpu', 'cuda', 'cuda:1' or a "
+                         "torch.device") from exc
+    if dev.type == "meta":
+        raise InputError("device 'meta' holds no data: scores need a real device such as 'cpu' or 'cuda'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {str(dev)!r} is not available: torch.cuda.is_available() is False (a CPU-only "
+                             "PyTorch build, or no GPU visible); pass device='cpu' or None")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"device {str(dev)!r} does not exist: this machine has {torch.cuda.device_count()} CUDA "
+                             f"device(s), cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(0, device=dev)
+        except (RuntimeError, AssertionError, TypeError) as exc:
+            raise InputError(f"device {str(dev)!r} is not available in this PyTorch build or machine ({exc}); pass "
+                             "device='cpu' or None") from exc
+    return dtype, dev
+
+
 class CallWrapper(nn.Module):
     """A module that exists only so that ``functional_call`` can swap in weights of the modules it
     holds. Calling it runs ``forward`` directly, not through ``nn.Module.__call__``: a global
@@ -91,11 +131,8 @@ class GradientEngine:
 
     def __init__(self, model: nn.Module, task: Task, names: list[str], *, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32, ghost: bool = True):
-        if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-            raise TypeError(f"dtype must be a floating torch dtype, got {dtype}")
+        self.dtype, self.device = check_dtype_device(dtype, device)
         self.model, self.task, self.names = model, task, list(names)
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.dtype = dtype
         self._wrapper = _TaskModule(model, task)
         self._hooks: list[Any] = []
         self._capturing = False
@@ -327,7 +364,9 @@ class GradientEngine:
         closed = self.task.loss_and_output_grad(outputs, targets) if self.rules else None
         losses = self.task.per_sample_loss(outputs, targets) if closed is None else closed[0]
         if losses.shape != (B,):
-            raise ValueError(f"the per-sample losses must have shape ({B},), got {tuple(losses.shape)}")
+            raise InputError(f"the loss must give one value per sample, shape ({B},), got {tuple(losses.shape)}: "
+                             f"{type(self.task).__name__}.per_sample_loss must not reduce over the batch "
+                             "(use reduction='none')")
         if check_loss:  # a sample's stacked losses summed (float64): non-finite at any checkpoint stays so
             _check_finite(losses.detach().view(self._stack, b).double().sum(0), ids, "loss")
         blocks: list[Block] = []

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from typing import Any, Sequence
 
 import numpy as np
@@ -11,7 +12,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from hessfree.datasets import as_index, dataset_size, iter_batches, sample_ids
+from hessfree.datasets import as_index, check_batch_size, dataset_size, iter_batches, sample_ids
 from hessfree.tasks import check_dataset_labels
 from hessfree.errors import InputError
 from hessfree.grads.engine import GradientEngine
@@ -49,11 +50,23 @@ def checkpoint_indices(run: Run, checkpoints: Sequence[int] | str | None) -> lis
     return out
 
 
-def check_labels(engine: GradientEngine, dataset: Dataset) -> bool:
-    """Validate labels against the loss before the expensive loop (all of them for a TensorDataset).
+# What a method's second dataset is called in messages (its first is the training dataset).
+_SECOND_DATASET = {"pairwise_influence": "test dataset", "outlier_gradient": "reference dataset"}
+_ROLES: "weakref.WeakKeyDictionary[GradientEngine, tuple[Dataset, str]]" = weakref.WeakKeyDictionary()
+
+
+def check_labels(engine: GradientEngine, dataset: Dataset, what: str | None = None) -> bool:
+    """Validate labels against the loss before the expensive loop (all of them for a TensorDataset),
+    and that the model runs on the dataset's first batch (else InputError naming the dataset and its
+    input shapes). ``what``: the dataset's name in messages; by default "training dataset" for the
+    dataset of the engine's :class:`Scorer` and the method's other dataset ("test dataset",
+    "reference dataset") for any other.
 
     Returns True when every label was checked (per-batch checks can then be skipped)."""
-    return check_dataset_labels(engine.task, engine.forward, engine.prepare, dataset, sample_ids(dataset))
+    if what is None:
+        train, other = _ROLES.get(engine, (None, "dataset"))
+        what = "training dataset" if dataset is train else other
+    return check_dataset_labels(engine.task, engine.forward, engine.prepare, dataset, sample_ids(dataset), what)
 
 
 _STACK_BYTES = 1 << 28  # stacked weights of one checkpoint group
@@ -79,12 +92,12 @@ class Scorer:
         self.t0 = time.perf_counter()
         self.ks = checkpoint_indices(run, checkpoints)
         self.n = dataset_size(train_dataset, "training dataset")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        batch_size = check_batch_size(batch_size)
         self.run, self.dataset, self.batch_size = run, train_dataset, batch_size
         self.ids = sample_ids(train_dataset)
         self.names = select_parameters(run.model, params)
         self.engine = GradientEngine(run.model, run.task, self.names, device=device, dtype=dtype, ghost=ghost)
+        _ROLES[self.engine] = (train_dataset, _SECOND_DATASET.get(method, "dataset"))
         self.method = method
         self.params_spec = params if isinstance(params, str) else list(params)
         self.progress = progress

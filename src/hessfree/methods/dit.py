@@ -22,6 +22,7 @@ batch (see :meth:`FunctionalRun.hvp_and_dots`). Everything is float64; H is neve
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -34,14 +35,14 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from hessfree.datasets import is_plain_tensor_dataset, iter_batches, to_device
-from hessfree.errors import InputError
-from hessfree.grads.engine import CallWrapper, _TaskModule
+from hessfree.errors import InputError, NonFiniteError
+from hessfree.grads.engine import CallWrapper, _TaskModule, check_dtype_device
 from hessfree.queries import Query, resolve_query
 from hessfree.run import Run, _require_trajectory, check_replay_dataset, check_trajectory_model, replay_states, \
     unflatten
 from hessfree.grads.select import frequency_scaled_layer
 from hessfree.scores import SIGN_CONVENTION, Scores
-from hessfree.tasks import safe_call
+from hessfree.tasks import check_model_on, safe_call
 
 MODES = ("delta", "window_removal")
 
@@ -61,8 +62,8 @@ class FunctionalRun:
 
     def __init__(self, run: Run, dataset: Dataset, dtype: torch.dtype = torch.float64, device: Any = None):
         traj = _require_trajectory(run)
+        dtype, self.device = check_dtype_device(dtype, device, (torch.float64, torch.float32))
         self.run, self.traj, self.dataset, self.dtype = run, traj, dataset, dtype
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.task, self.log, self.l2 = run.task, run.step_log, traj.l2
         model = copy.deepcopy(run.model)
         model.load_state_dict(traj.base)
@@ -112,6 +113,9 @@ class FunctionalRun:
         (g,) = torch.autograd.grad(value.reshape(()), th, allow_unused=True)
         if g is None:
             raise InputError("the query does not depend on the model's trainable parameters")
+        if not (math.isfinite(float(value.detach())) and math.isfinite(float(g.sum()))):
+            raise NonFiniteError(f"non-finite query value ({float(value.detach())}) or gradient: check the query's data "
+                                 "(inputs and labels) for NaN or infinite values")
         return g.detach()
 
     def hvp_and_dots(self, theta: Tensor, x: Any, y: Any, U: Tensor) -> tuple[Tensor, Tensor]:
@@ -251,6 +255,7 @@ def sweep(fr: FunctionalRun, query: Query, windows: list[tuple[int, int]], mode:
             x, y, pos = fr.batch(t)
             U = torch.stack([a.u for a in live])
             HU, D = fr.hvp_and_dots(theta, x, y, U)
+            _check_step(D, HU, fr.log.sample_ids[pos], t)
             C = torch.as_tensor(np.stack([a.coef for a in live]), dtype=torch.float64, device=fr.device)  # (m, W)
             eta = float(fr.log.learning_rates[t])
             scores[:, torch.as_tensor(pos, device=fr.device)] += (eta / len(pos)) * (C.T @ D.double())
@@ -260,6 +265,17 @@ def sweep(fr: FunctionalRun, query: Query, windows: list[tuple[int, int]], mode:
         bar.update(1)
     bar.close()
     return scores.cpu().numpy()
+
+
+def _check_step(D: Tensor, HU: Tensor, ids: np.ndarray, t: int) -> None:
+    """A step's contributions must be finite: a NaN or infinite training sample makes its own dot
+    products non-finite at the first step (going backwards) that uses it, so it is named there."""
+    if math.isfinite(float(D.sum())) and math.isfinite(float(HU.sum())):  # one reduction each, the usual case
+        return
+    bad = (~torch.isfinite(D)).any(0).nonzero().flatten().tolist()
+    named = [int(ids[i]) for i in bad] if bad else [int(i) for i in ids]
+    raise NonFiniteError(f"non-finite gradient or Hessian-vector product at step {t} for sample id(s) {named[:10]}; "
+                         "check those samples' inputs and labels")
 
 
 def _ratio(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -289,6 +305,9 @@ def _checked(run: Run, train_dataset: Dataset, query: Any, mode: str,
             "word counts within the batch, so removing one sample changes the others' gradients and the query's "
             "gradient is not the sum of its samples'. Train with scale_grad_by_freq=False to use dit")
     check_replay_dataset(run, train_dataset)
+    check_dtype_device(dtype, None, (torch.float64, torch.float32))
+    # the model runs on the training data and its labels suit the loss (one small forward)
+    check_model_on(run.model, run.task, train_dataset, run.step_log.sample_ids, "training dataset")
     q = resolve_query(query)
     q.check(run.model, run.task)
     return q, FunctionalRun(run, train_dataset, dtype=dtype)

@@ -84,16 +84,25 @@ def ensemble(score_fn: ScoreFn, *, members: int = 5, perturbation: str = "dropou
     ``"mean"`` or ``"zscore"`` (each member standardised over all its entries first). With
     ``members=1`` the base scores are returned unchanged. Reruns with one ``seed`` are bit-identical.
     """
-    if not isinstance(members, int) or members < 1:
+    if not callable(score_fn):
+        raise InputError(f"score_fn must be a callable score function such as hessfree.self_influence, got "
+                         f"{type(score_fn).__name__}")
+    if isinstance(members, (bool, np.bool_)) or not isinstance(members, (int, np.integer)) or members < 1:
         raise InputError(f"members must be a positive integer, got {members!r}")
     if perturbation not in ("dropout", "gaussian"):
         raise InputError(f"perturbation must be 'dropout' or 'gaussian', got {perturbation!r}")
     if combine not in ("mean", "zscore"):
         raise InputError(f"combine must be 'mean' or 'zscore', got {combine!r}")
+    for name, v in (("rate", rate), ("sigma", sigma)):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise InputError(f"{name} must be a number, got {v!r}")
     if perturbation == "dropout" and not 0 < rate < 1:
         raise InputError(f"dropout rate must be in (0, 1), got {rate}")
     if perturbation == "gaussian" and not sigma > 0:
         raise InputError(f"sigma must be positive, got {sigma}")
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
+    members = int(members)
 
     @functools.wraps(score_fn)
     def scored(run: Run, *args: Any, **kwargs: Any) -> Scores:
