@@ -75,6 +75,9 @@ def _load_file(path: Path) -> Mapping[str, Tensor]:
         raise CheckpointMismatchError(
             f"{path} is not a plain state dict (torch.load with weights_only=True refused it: it likely holds a "
             "pickled model object); save model.state_dict() instead") from exc
+    except (OSError, RuntimeError, EOFError, IndexError, KeyError, ValueError) as exc:  # not a torch file at all
+        raise CheckpointMismatchError(f"cannot read the checkpoint {path} ({type(exc).__name__}: {exc}): it is not a "
+                                      "torch or safetensors checkpoint file, or it is damaged") from exc
     if not isinstance(obj, Mapping):
         raise CheckpointMismatchError(f"{path} holds a {type(obj).__name__}, not a state_dict")
     return _unwrap(obj)
@@ -277,8 +280,13 @@ class Run:
         checkpoints = list(checkpoints)
         if not checkpoints:
             raise InputError("no checkpoints given: pass at least one state dict or checkpoint file")
-        if isinstance(learning_rates, (int, float)):
+        if _is_number(learning_rates):
             learning_rates = [float(learning_rates)] * len(checkpoints)
+        if isinstance(learning_rates, (str, bytes)) or not hasattr(learning_rates, "__len__"):
+            raise InputError(f"learning_rates must be a list of numbers (one learning rate per checkpoint) or one "
+                             f"number, got {learning_rates!r}")
+        learning_rates = list(learning_rates)
+        _check_learning_rates(learning_rates)
         learning_rates = [float(x) for x in learning_rates]
         if len(learning_rates) != len(checkpoints):
             raise InputError(
@@ -296,6 +304,9 @@ class Run:
                 # clone: a live model.state_dict() aliases the parameters and would change under training
                 source: Mapping[str, Tensor] | Path = {n: t.detach().clone() for n, t in state.items()}
             else:
+                if not isinstance(src, (str, os.PathLike)):
+                    raise InputError(f"checkpoint {k} is a {type(src).__name__}: pass a state dict or the path of a "
+                                     ".safetensors / torch checkpoint file")
                 path = Path(src)
                 if not path.is_file():
                     raise InputError(f"checkpoint file {path} does not exist")
@@ -380,8 +391,14 @@ def _load_step_log(run_dir: Path, manifest: dict) -> StepLog:
     return StepLog([flat[offsets[t]:offsets[t + 1]] for t in range(len(offsets) - 1)], lr, ids)
 
 
-def _check_learning_rates(rates: Sequence[float]) -> None:
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
+def _check_learning_rates(rates: Sequence[Any]) -> None:
     for k, eta in enumerate(rates):
+        if not _is_number(eta):
+            raise InputError(f"learning rate {eta!r} of checkpoint {k} must be a finite positive number")
         if not math.isfinite(eta) or eta <= 0:
             raise InputError(f"learning rate {eta} of checkpoint {k} must be a finite positive number")
 
@@ -422,6 +439,8 @@ def fit(model: nn.Module, train_dataset: Dataset, *, loss: str | Task = "cross_e
     ``"sgd"``, ``momentum`` or ``weight_decay`` are refused (the estimators do not cover them), and
     with ``record`` so are active dropout and BatchNorm.
     """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     task = resolve_task(loss)
     n = dataset_size(train_dataset, "training dataset")
     _check_plain_sgd(optimizer, momentum, weight_decay)
@@ -431,18 +450,23 @@ def fit(model: nn.Module, train_dataset: Dataset, *, loss: str | Task = "cross_e
     every = _record_every(record)
     if every:
         check_trajectory_model(model)
-    if not isinstance(epochs, int) or epochs < 1:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise InputError(f"epochs must be a positive integer, got {epochs!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
     steps_per_epoch = math.ceil(n / batch_size)
     n_steps = steps_per_epoch * epochs
     if checkpoint_every is None:
         checkpoint_every = steps_per_epoch
-    if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise InputError(f"checkpoint_every must be a positive number of steps, got {checkpoint_every!r}")
+    if not callable(lr) and not _is_number(lr):
+        raise InputError(f"lr must be a positive number or a schedule lr(step) -> float, got {lr!r}")
     lr_fn: Callable[[int], float] = lr if callable(lr) else (lambda t, _lr=float(lr): _lr)
-    _check_learning_rates([float(lr_fn(0))])
+    first = lr_fn(0)
+    if not _is_number(first):
+        raise InputError(f"the learning-rate schedule returned {first!r} at step 0, not a number")
+    _check_learning_rates([float(first)])
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     tensors = [p for _, p in params]
     if not params:
@@ -515,9 +539,10 @@ def _record(model: nn.Module, train_dataset: Dataset, task: Task, ids: np.ndarra
         for epoch in range(epochs):
             order = torch.randperm(n, generator=gen).numpy()
             for pos, batch in iter_batches(train_dataset, batch_size, order):
-                eta = float(lr_fn(step))
-                if not math.isfinite(eta) or eta <= 0:
-                    raise InputError(f"the learning-rate schedule returned {eta} at step {step}")
+                eta = lr_fn(step)
+                if not _is_number(eta) or not math.isfinite(eta) or eta <= 0:
+                    raise InputError(f"the learning-rate schedule returned {eta!r} at step {step}")
+                eta = float(eta)
                 if every and step % every == 0:
                     traj_steps.append(step)
                     traj_thetas.append(flatten(tensors).clone())
@@ -761,9 +786,9 @@ def check_replay_dataset(run: "Run", dataset: Dataset) -> None:
         now = fingerprint(dataset, ids)
         if now["content_sha256"] != recorded["content_sha256"]:
             raise DatasetMismatchError(
-                f"this dataset has the size and sample ids of the one the run was trained on, but other content "
-                f"(its fingerprint over {now['content_samples']} samples differs): pass the same training dataset, "
-                "unchanged and in the same order (a dataset with random transforms cannot be replayed)")
+                f"this dataset is not the one the run was trained on: it has that one's size and sample ids but other "
+                f"content (its fingerprint over {now['content_samples']} samples differs); pass the same training "
+                "dataset, unchanged and in the same order (a dataset with random transforms cannot be replayed)")
 
 
 def _record_every(record: Any) -> int:

@@ -147,7 +147,11 @@ class Scores:
                 missing = [k for k in ("values", "sample_ids", "meta_json") if k not in z.files]
                 if missing:
                     raise InputError(f"{path} is not a hessfree scores file: it has no {', '.join(missing)}")
-                meta = json.loads(z["meta_json"].tobytes().decode())
+                try:
+                    meta = json.loads(z["meta_json"].tobytes().decode())
+                except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                    raise InputError(f"{path}: its metadata (meta_json) is not valid JSON ({exc}); was it written by "
+                                     "Scores.save and copied whole?") from exc
                 test_ids = z["test_ids"] if "test_ids" in z.files else None
                 values, ids = z["values"], z["sample_ids"]
         except InputError:
