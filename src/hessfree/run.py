@@ -553,7 +553,7 @@ def _record(model: nn.Module, train_dataset: Dataset, task: Task, ids: np.ndarra
                             f"the loss returned shape {tuple(losses.shape)} for a batch of {len(_pos)} samples: "
                             "Task.per_sample_loss must return one loss per sample (shape (B,)), not their mean")
                     task.validate(outputs, targets, ids[_pos])
-                    watch(_step, _pos, losses, task.split(_batch)[0])
+                    watch(_step, _pos, losses, lambda: task.split(_batch)[0])  # inputs read only on failure
 
                 sgd_step(model, tensors, task, batch, eta, l2, check)
                 positions.append(pos.copy())
@@ -618,7 +618,7 @@ class _LossWatch:
         self.buffer: Tensor | None = None
         self.seen = 0  # steps recorded
 
-    def __call__(self, step: int, pos: np.ndarray, losses: Tensor, inputs: Any) -> None:
+    def __call__(self, step: int, pos: np.ndarray, losses: Tensor, inputs: Callable[[], Any]) -> None:
         lo = losses.detach().reshape(-1)
         if bool(torch.isfinite(lo).all()):
             if self.buffer is None:
@@ -631,7 +631,7 @@ class _LossWatch:
             self.seen = step + 1
             return
         ids = self.ids[pos]
-        bad_inputs = _nonfinite_rows(inputs, len(pos))
+        bad_inputs = _nonfinite_rows(inputs(), len(pos))
         if bad_inputs is not None and bad_inputs.any():
             raise NonFiniteError(f"non-finite training loss at step {step} for sample id(s) "
                                  f"{ids[bad_inputs][:10].tolist()}: their inputs hold NaN or inf values; clean those "

@@ -493,7 +493,9 @@ def _check_finite(values: Tensor, ids: Any, what: str) -> None:
         return
     ok = torch.isfinite(values)
     if not bool(ok.all()):
+        if ids is None:  # not per sample (a target's gradient): no ids to name
+            raise NonFiniteError(f"non-finite {what}; check the target's data and the checkpoint's weights")
         bad = (~ok).nonzero().flatten().tolist()
-        named = [int(ids[i]) for i in bad] if ids is not None else bad
+        named = [int(ids[i]) for i in bad]
         raise NonFiniteError(f"non-finite {what} for sample id(s) {named[:10]}; check those samples' inputs "
                              "and labels, and the checkpoint's weights")
