@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from hessfree.datasets import is_plain_tensor_dataset
 from hessfree.grads.stacked import plain_calls, plain_module
-from hessfree.tasks import BCEWithLogits, CrossEntropy, Task, safe_call
+from hessfree.tasks import BCEWithLogits, CrossEntropy, Task, output_residual, safe_call, sigmoid_residual
 
 
 _ABS_BLOCK = 4096  # rows of |x| formed at a time for the L1 norm of a tall x (one cache-sized temporary)
@@ -74,7 +74,7 @@ def residual_norm(z: Tensor, targets: Tensor, task: Task, ord: str, class_dim: i
         raise ValueError(f"class_dim must be 0 or 1, got {class_dim!r}")
     with torch.no_grad():
         if not isinstance(task, CrossEntropy):
-            return (torch.sigmoid(z.reshape(-1)) - targets.to(z.dtype).reshape(-1)).abs()
+            return sigmoid_residual(z.reshape(-1), targets).abs()
         e = (z - z.amax(class_dim, keepdim=True)).exp_()
         s = e.sum(class_dim)
         label = targets.long().reshape((1, -1) if class_dim == 0 else (-1, 1))
@@ -238,14 +238,7 @@ class HeadCapture:
         """r = ∂l/∂z: softmax(z) − e_y, or σ(z) − y for BCE (a new tensor; z is not modified).
         The label's entry p_y − 1 is formed as −(mass off the label), which does not cancel when
         p_y is close to 1."""
-        with torch.no_grad():
-            if isinstance(self.task, CrossEntropy):
-                # softmax by hand: torch.softmax over a few classes costs ~5× more on CPU
-                y = targets.long().reshape(-1, 1)
-                e = (z - z.amax(1, keepdim=True)).exp_()
-                r = e.div_(e.sum(1, keepdim=True))
-                return r.scatter_(1, y, -r.scatter(1, y, 0.0).sum(1, keepdim=True))
-            return torch.sigmoid(z) - targets.to(z.dtype).reshape(-1, 1)
+        return output_residual(z, targets, self.task)
 
     def grads(self, forward, inputs: Any, targets: Tensor, validate=None) -> HeadGrads | None:
         """One batch's per-sample gradients as factors, or None (see :meth:`capture`)."""

@@ -20,7 +20,7 @@ from hessfree.grads.select import ParamSpec
 from hessfree.methods.common import Scorer
 from hessfree.run import Run
 from hessfree.scores import Scores
-from hessfree.tasks import BCEWithLogits, CrossEntropy
+from hessfree.tasks import BCEWithLogits, CrossEntropy, output_residual
 
 
 def _forward_score(run: Run, dataset: Dataset, fn, method: str, checkpoints: Any, batch_size: int,
@@ -49,10 +49,9 @@ def loss(run: Run, dataset: Dataset, *, checkpoints: Sequence[int] | str | None 
 
 def _el2n(run: Run, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     if isinstance(run.task, CrossEntropy):
-        p = torch.softmax(outputs, 1)
-        return (p - torch.nn.functional.one_hot(targets, p.shape[1]).to(p.dtype)).norm(dim=1)
+        return torch.linalg.vector_norm(output_residual(outputs, targets, run.task), dim=1)
     if isinstance(run.task, BCEWithLogits):
-        return (torch.sigmoid(outputs.reshape(-1)) - targets.to(outputs.dtype)).abs()
+        return output_residual(outputs.reshape(-1), targets, run.task).abs()
     raise InputError("el2n is defined for the built-in 'cross_entropy' and 'bce' losses only")
 
 
