@@ -7,7 +7,6 @@ saved Run from its directory.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
@@ -30,9 +29,9 @@ from tqdm.auto import tqdm
 from hessfree.datasets import (dataset_size, fingerprint, iter_batches, leaves_in,
                                sample_ids as dataset_sample_ids)
 from hessfree.errors import (CheckpointMismatchError, DatasetMismatchError, InputError, NonFiniteError,
-                             RunDirectoryError, RunIntegrityError)
+                             RunIntegrityError)
 from hessfree.io import sha256_file, write_npz, write_safetensors
-from hessfree.run_dir import MANIFEST, RUN_FORMAT, Recording, read_manifest, validate_manifest, verify_files
+from hessfree.run_dir import RUN_FORMAT, Recording, read_manifest, validate_manifest, verify_files
 from hessfree.tasks import Task, check_dataset_labels, resolve_task
 
 log = logging.getLogger(__name__)
@@ -468,7 +467,6 @@ def fit(model: nn.Module, train_dataset: Dataset, *, loss: str | Task = "cross_e
         raise InputError(f"the learning-rate schedule returned {first!r} at step 0, not a number")
     _check_learning_rates([float(first)])
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    tensors = [p for _, p in params]
     if not params:
         raise InputError("the model has no trainable parameters (all have requires_grad=False)")
     ids = dataset_sample_ids(train_dataset)

@@ -13,7 +13,8 @@ and inner products with one dense parameter-shaped vector (B,).
   ``Σ_{t,s}(a_t·a'_s)(g_t·g'_s)`` (cost ∝ T·S·(d_in+d_out)) or the materialised
   ``d_out×d_in`` gradient (cost ∝ d_in·d_out), whichever is cheaper.
 - :class:`EmbeddingBlock` — gradient rows at the looked-up ids: ``Σ_{t,s}[id_t = id'_s](g_t·g'_s)``.
-- :class:`DenseBlock` — materialised per-sample gradients (B, P) from ``vmap(grad)``: the fallback.
+- :class:`DenseBlock` — materialised per-sample gradients (B, P): the ``vmap(grad)`` fallback, and
+  layers whose per-sample gradients are as small as their parameters (the norm layers).
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ class LinearBlock:
     weight: str | None  # parameter names (None when not selected)
     bias: str | None
     weight_shape: tuple[int, ...] | None = None
+    transposed: bool = False  # the weight is stored (d_in, d_out), as y = x W + b (e.g. GPT-2's Conv1D)
     _dense: Tensor | None = field(default=None, repr=False)
 
     @property
@@ -109,7 +111,8 @@ class LinearBlock:
         d_out = self.g.shape[2]
         val: Tensor | float = 0.0
         if self.weight is not None:
-            val = self.a @ q[self.weight].reshape(d_out, -1).T  # type: ignore[operator]
+            w = q[self.weight]
+            val = self.a @ (w.reshape(-1, d_out) if self.transposed else w.reshape(d_out, -1).T)  # type: ignore[operator]
         if self.bias is not None:
             val = val + q[self.bias].reshape(d_out)
         return (val * self.g).sum((1, 2))
@@ -119,14 +122,28 @@ class LinearBlock:
         (row-major) layout."""
         out: dict[str, Tensor] = {}
         if self.weight is not None:
-            out[self.weight] = torch.bmm(self.g.transpose(1, 2), self.a).flatten(1)  # type: ignore[arg-type]
+            if self.transposed:
+                out[self.weight] = torch.bmm(self.a.transpose(1, 2), self.g).flatten(1)  # type: ignore[union-attr]
+            else:
+                out[self.weight] = torch.bmm(self.g.transpose(1, 2), self.a).flatten(1)  # type: ignore[arg-type]
         if self.bias is not None:
             out[self.bias] = self.g.sum(1)
         return out
 
+    def total(self) -> dict[str, Tensor]:
+        """Σ over the samples of each parameter's gradient, flattened in the parameter's layout."""
+        g = self.g.flatten(0, 1)
+        out: dict[str, Tensor] = {}
+        if self.weight is not None:
+            a = self.a.flatten(0, 1)  # type: ignore[union-attr]
+            out[self.weight] = (a.T @ g if self.transposed else g.T @ a).reshape(-1)
+        if self.bias is not None:
+            out[self.bias] = g.sum(0)
+        return out
+
     def select(self, rows: Tensor | slice) -> "LinearBlock":
         return LinearBlock(self.a[rows] if self.a is not None else None, self.g[rows], self.weight, self.bias,
-                           self.weight_shape)
+                           self.weight_shape, self.transposed)
 
 
 @dataclass
@@ -166,6 +183,12 @@ class EmbeddingBlock:
         flat.index_add_(0, rows, self.g.reshape(B * T, D))
         return {self.weight: dense.flatten(1)}
 
+    def total(self) -> dict[str, Tensor]:
+        D = self.g.shape[2]
+        W = self.g.new_zeros(max(self.vocab, int(self.ids.max()) + 1 if self.ids.numel() else 1), D)
+        W.index_add_(0, self.ids.reshape(-1), self.g.reshape(-1, D))
+        return {self.weight: W.reshape(-1)}
+
     def select(self, rows: Tensor | slice) -> "EmbeddingBlock":
         return EmbeddingBlock(self.ids[rows], self.g[rows], self.weight, self.vocab)
 
@@ -189,6 +212,9 @@ class DenseBlock:
         if self.sizes is None:
             raise ValueError("this DenseBlock was built without its parameter sizes")
         return dict(zip(self.names, self.G.split(self.sizes, 1)))
+
+    def total(self) -> dict[str, Tensor]:
+        return dict(zip(self.names, self.G.sum(0).split(self.sizes))) if self.sizes else {}
 
     def select(self, rows: Tensor | slice) -> "DenseBlock":
         return DenseBlock(self.G[rows], self.names, self.sizes)
@@ -285,7 +311,7 @@ def concat(parts: list[BatchGrads]) -> BatchGrads | None:
                 return None
             a = None if first.a is None else torch.cat([b.a for b in group])  # type: ignore[union-attr,misc]
             blocks.append(LinearBlock(a, torch.cat([b.g for b in group]), first.weight, first.bias,
-                                      first.weight_shape))
+                                      first.weight_shape, first.transposed))
         elif isinstance(first, EmbeddingBlock):
             if len({b.ids.shape[1] for b in group}) != 1:  # type: ignore[union-attr]
                 return None

@@ -18,14 +18,14 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.modules import module as _module
 
 from hessfree.datasets import batch_len, leaves_in, map_tensors, tensors_in, to_device, with_tensors
 from hessfree.errors import InputError, NonFiniteError
-from hessfree.grads.blocks import BatchGrads, Block, DenseBlock, EmbeddingBlock, LinearBlock
+from hessfree.grads.blocks import BatchGrads, Block, DenseBlock
+from hessfree.grads.rules import Selected, rule_for
 from hessfree.grads.stacked import (NotStackable, owners, repeat_batch, rowwise_by_construction, stackable_kind,
                                     stacked_forward)
 from hessfree.tasks import BCEWithLogits, CrossEntropy, Task, safe_call
@@ -104,19 +104,6 @@ def _tensor_slots(holders: dict[str, list[tuple[nn.Module, str]]]) -> dict[str, 
             for name, mods in holders.items()}
 
 
-def _rule_kind(module: nn.Module) -> str | None:
-    """The factorised rule for a module, or None. Exact types only: subclasses may override forward."""
-    t = type(module)
-    if t is nn.Linear:
-        return "linear"
-    if t is nn.Conv2d and module.groups == 1 and module.padding_mode == "zeros" and (
-            not isinstance(module.padding, str) or module.padding == "valid"):
-        return "conv2d"
-    if t is nn.Embedding and module.max_norm is None and not module.scale_grad_by_freq:
-        return "embedding"
-    return None
-
-
 def _unsqueeze0(obj: Any) -> Any:
     return map_tensors(lambda t: t.unsqueeze(0), obj)
 
@@ -163,21 +150,24 @@ class GradientEngine:
         self.fallback: list[str] = []
         for n in self.names:
             own = list(owners[id(params[n])].values())
-            kind = _rule_kind(own[0][1]) if len(own) == 1 else None
-            if ghost and kind is not None and own[0][2] in ("weight", "bias"):
+            rule = rule_for(own[0][1]) if len(own) == 1 else None
+            if ghost and rule is not None and own[0][2] in rule.params:
                 mod_name, mod, local = own[0]
-                entry = self.rules.setdefault(mod_name, {"module": mod, "kind": kind, "weight": None, "bias": None})
-                entry[local] = n
+                entry = self.rules.setdefault(mod_name, {"module": mod, "rule": rule,
+                                                         "names": {k: None for k in rule.params}})
+                entry["names"][local] = n
             else:
                 self.fallback.append(n)
         for mod_name, e in list(self.rules.items()):
-            if e["kind"] == "embedding" and e["weight"] is None:
+            if e["rule"].needs_weight and e["names"].get("weight") is None:
                 del self.rules[mod_name]
+                self.fallback.extend(v for v in e["names"].values() if v is not None)
+        self.fallback.sort(key=self.names.index)
 
     def _demote(self, mod_name: str, why: str) -> None:
         e = self.rules.pop(mod_name)
         log.warning("layer %r: %s; its per-sample gradients use the vmap(grad) fallback", mod_name, why)
-        self.fallback.extend(n for n in (e["weight"], e["bias"]) if n is not None)
+        self.fallback.extend(n for n in e["names"].values() if n is not None)
         self.fallback.sort(key=self.names.index)
 
     def __enter__(self) -> "GradientEngine":
@@ -388,7 +378,7 @@ class GradientEngine:
                 blocks.append(self._block(m, e, per_module.get(m, []), B))
             if check:
                 self._checked = True
-                bad = [m for m, b in zip(list(self.rules), blocks) if not _sums_to(b, full, self._state)]
+                bad = [m for m, b in zip(list(self.rules), blocks) if not _sums_to(b, full)]
                 if bad:
                     for m in bad:
                         self._demote(m, "its weights are used outside its own forward (or the sum check failed)")
@@ -398,38 +388,10 @@ class GradientEngine:
         return BatchGrads(blocks, losses.detach(), group=self._stack)
 
     def _block(self, mod_name: str, e: dict[str, Any], calls: list[tuple[Tensor, Tensor]], B: int) -> Block:
-        mod, kind = e["module"], e["kind"]
-        if kind == "embedding":
-            D = mod.embedding_dim
-            if not calls:
-                return EmbeddingBlock(torch.zeros(B, 1, dtype=torch.long, device=self.device),
-                                      torch.zeros(B, 1, D, dtype=self.dtype, device=self.device), e["weight"],
-                                      mod.num_embeddings)
-            ids = torch.cat([x.reshape(B, -1) for x, _ in calls], 1)
-            g = torch.cat([go.reshape(B, -1, D) for _, go in calls], 1)
-            if mod.padding_idx is not None:
-                g = g * (ids != mod.padding_idx).unsqueeze(-1).to(g.dtype)
-            return EmbeddingBlock(ids, g, e["weight"], mod.num_embeddings)
-        w = self._state.get(e["weight"]) if e["weight"] else None
-        shape = None if w is None else tuple(w.shape[1:] if e["weight"] in self._stacked else w.shape)
-        if kind == "linear":
-            d_in, d_out = mod.in_features, mod.out_features
-            a_parts = [x.reshape(B, -1, d_in) for x, _ in calls]
-            g_parts = [go.reshape(B, -1, d_out) for _, go in calls]
-        else:  # conv2d as a Linear over unfolded patches
-            d_in = mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1]
-            d_out = mod.out_channels
-            pad = 0 if mod.padding == "valid" else mod.padding
-            a_parts = [F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=pad, stride=mod.stride)
-                       .transpose(1, 2) for x, _ in calls]
-            g_parts = [go.reshape(B, d_out, -1).transpose(1, 2) for _, go in calls]
-        if not calls:
-            a = torch.zeros(B, 1, d_in, dtype=self.dtype, device=self.device)
-            g = torch.zeros(B, 1, d_out, dtype=self.dtype, device=self.device)
-        else:
-            a = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, 1)
-            g = g_parts[0] if len(g_parts) == 1 else torch.cat(g_parts, 1)
-        return LinearBlock(a if e["weight"] is not None else None, g, e["weight"], e["bias"], shape)
+        w = e["names"].get("weight")
+        state = self._state.get(w) if w else None
+        shape = None if state is None else tuple(state.shape[1:] if w in self._stacked else state.shape)
+        return e["rule"].block(e["module"], calls, Selected(e["names"], B, shape, self.dtype, self.device))
 
     def _vmap_block(self, inputs: Any, targets: Any, B: int) -> DenseBlock:
         # Only the fallback parameters are swapped per call; everything else is already bound.
@@ -464,23 +426,15 @@ class GradientEngine:
                           [self._state[n].numel() for n in self.fallback])
 
 
-def _sums_to(block: Block, full: dict[str, Tensor] | None, state: dict[str, Tensor]) -> bool:
+def _sums_to(block: Block, full: dict[str, Tensor] | None) -> bool:
     """Does Σ_i (per-sample gradient of ``block``) equal the batch gradient ``full``?"""
     if full is None:
         return True
-    if isinstance(block, LinearBlock):
-        g = block.g.flatten(0, 1)
-        parts = []
-        if block.weight is not None:
-            parts.append((g.T @ block.a.flatten(0, 1), full[block.weight].reshape(g.shape[1], -1)))  # type: ignore[union-attr]
-        if block.bias is not None:
-            parts.append((g.sum(0), full[block.bias].reshape(-1)))
-    else:
-        assert isinstance(block, EmbeddingBlock)
-        W = torch.zeros_like(state[block.weight])
-        W.index_add_(0, block.ids.reshape(-1), block.g.reshape(-1, block.g.shape[-1]))
-        parts = [(W, full[block.weight])]
-    for mine, ref in parts:
+    for name, mine in block.total().items():
+        ref = full[name].reshape(-1)
+        mine = mine.reshape(-1)
+        if mine.shape != ref.shape:
+            return False
         scale = ref.abs().max().clamp_min(torch.finfo(ref.dtype).tiny)
         tol = 1e-3 if ref.dtype in (torch.float16, torch.bfloat16) else 1e-4
         if float((mine - ref).abs().max() / scale) > tol and float((mine - ref).abs().max()) > 1e-12:
