@@ -192,7 +192,7 @@ def test_demo_never_overwrites_without_being_told(tmp_path):
     cfg = DemoConfig(epochs=1, n_checkpoints=1)
     with pytest.raises(RunDirectoryError, match="--overwrite"):
         run_demo(out, cfg, progress=False)
-    with pytest.raises(RunDirectoryError, match="not a hessfree run"):
+    with pytest.raises(RunDirectoryError, match="does not name as the demo's"):
         run_demo(out, cfg, progress=False, overwrite=True)
     assert tree(tmp_path) == {"proj": None, "proj/run": None, "proj/run/log.txt": b"mine"}
     out2 = tmp_path / "two"
@@ -445,3 +445,174 @@ def test_files_and_folders_honour_the_umask(tmp_path, mask):
     for p in [rd, *rd.rglob("*"), tmp_path / "s.npz"]:
         mode = stat.S_IMODE(p.stat().st_mode)
         assert mode == (0o777 if p.is_dir() else 0o666) & ~mask, (p, oct(mode))
+
+
+def test_demo_overwrite_never_replaces_a_run_or_scores_it_did_not_write(tmp_path):
+    from hessfree.workflows.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(epochs=1, n_checkpoints=1)
+    out = tmp_path / "results"
+    users = hessfree.fit(mlp(0), tabular(n=16), batch_size=8, run_dir=out / "run", **Q)  # the user's own run
+    with pytest.raises(RunDirectoryError, match="does not name as the demo's"):
+        run_demo(out, cfg, progress=False, overwrite=True)
+    assert hessfree.Run.load(out / "run", mlp(0)).manifest["n_samples"] == users.manifest["n_samples"] == 16
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "run").write_text("a file")
+    proc = subprocess.run([sys.executable, "-m", "hessfree.cli", "demo", "--out", str(tmp_path / "f"), "--overwrite",
+                           "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "is a file" in proc.stderr and "Traceback" not in proc.stderr
+    # the demo's own results are replaced; scores changed since are not
+    mine = tmp_path / "mine"
+    run_demo(mine, cfg, progress=False)
+    run_demo(mine, cfg, progress=False, overwrite=True)
+    Scores([1.0], [0], {"method": "self_influence"}).save(mine / "self_influence.npz")
+    with pytest.raises(RunDirectoryError, match="changed since"):
+        run_demo(mine, cfg, progress=False, overwrite=True)
+
+
+def test_a_users_file_inside_a_data_folder_survives_an_overwrite(tmp_path, caplog):
+    rd = tmp_path / "run"
+    hessfree.fit(mlp(0), tabular(n=8), batch_size=4, run_dir=rd, **Q)
+    data = rd / json.loads((rd / "manifest.json").read_text())["steps"].split("/")[0]
+    (data / "my_notes.txt").write_text("mine")
+    (data / "checkpoints" / "my_best.pt").write_text("mine too")
+    hessfree.fit(mlp(1), tabular(n=8), batch_size=4, run_dir=rd, overwrite=True, **Q)
+    assert (data / "my_notes.txt").read_text() == "mine" and (data / "checkpoints" / "my_best.pt").exists()
+    assert sorted(p.relative_to(data).as_posix() for p in data.rglob("*")) == [
+        "checkpoints", "checkpoints/my_best.pt", "my_notes.txt"]  # only hessfree's files went
+    assert "holds files hessfree did not write" in caplog.text
+    hessfree.fit(mlp(1), tabular(n=8), batch_size=4, run_dir=rd, overwrite=True, **Q)  # and it is left alone
+    assert (data / "my_notes.txt").read_text() == "mine"
+
+
+def test_a_leftover_of_a_process_whose_pid_runs_again_is_cleaned(tmp_path):
+    import hessfree.io as hio
+
+    pid, start = hio.PROCESS
+    for rd, run_first in ((tmp_path / "new", False), (tmp_path / "old", True)):
+        if run_first:
+            hessfree.fit(mlp(0), tabular(n=8), batch_size=4, run_dir=rd, **Q)
+        # killed before a restart, by a process with this pid (a container's pids repeat) and another start time
+        left = rd / f".hessfree-recording-{pid}-{start + 1}-deadbeef"
+        (left / "checkpoints").mkdir(parents=True)
+        (left / ".hessfree-data").write_text(json.dumps({"pid": pid, "start": start + 1}))
+        (left / "checkpoints" / "init.safetensors").write_bytes(b"x" * 100)
+        hessfree.fit(mlp(1), tabular(n=8), batch_size=4, run_dir=rd, overwrite=True, **Q)
+        assert not left.exists()
+    temp = tmp_path / f".s.npz.hessfree-{pid}-{start + 1}-abcdefgh.tmp"  # the same, for Scores.save
+    temp.write_bytes(b"half")
+    Scores([1.0], [0]).save(tmp_path / "s.npz")
+    assert not temp.exists()
+
+
+def test_a_failure_after_the_commit_keeps_the_new_run_and_the_trained_model(tmp_path, monkeypatch, caplog):
+    rd = tmp_path / "run"
+    hessfree.fit(mlp(0), tabular(n=8), batch_size=4, run_dir=rd, **Q)
+    old = json.loads((rd / "manifest.json").read_text())["steps"].split("/")[0]
+
+    def broken(*a, **k):
+        raise OSError("permission denied while removing")
+
+    monkeypatch.setattr("hessfree.run_dir._remove_old", broken)
+    model = mlp(1)
+    before = state_of(model)
+    run = hessfree.fit(model, tabular(n=8, seed=1), batch_size=4, run_dir=rd, overwrite=True, **Q)
+    assert not bit_identical(state_of(model), before)  # trained, and the run says so
+    assert bit_identical(run.checkpoint_state(-1), state_of(model))
+    assert "removing the previous one failed" in caplog.text and (rd / old).exists()
+    monkeypatch.undo()
+    hessfree.fit(mlp(1), tabular(n=8, seed=1), batch_size=4, run_dir=rd, overwrite=True, **Q)
+    assert not (rd / old).exists()  # the next write removes it
+
+
+def test_divergence_is_traced_after_the_loss_window_wrapped(monkeypatch):
+    monkeypatch.setattr("hessfree.run._LossWatch.WINDOW_FLOATS", 4 * 16)  # 4 steps of batch 16
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(160, 5, generator=g), torch.randint(0, 2, (160,), generator=g)
+    x[77] = 1e30
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 2))
+    with pytest.raises(NonFiniteError, match=r"It began with sample id 77 at step \d+"):
+        hessfree.fit(model, TensorDataset(x, y), lr=0.1, epochs=3, batch_size=16, **Q)
+    torch.manual_seed(0)
+    deep = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+    with pytest.raises(NonFiniteError, match="whole batch jumped.*usual level of 1"):
+        hessfree.fit(deep, tabular(n=64), lr=lambda t: 0.01 if t < 70 else 1e3, epochs=30, batch_size=16, **Q)
+
+
+class MSE(hessfree.Task):
+    name = "mse"
+
+    def per_sample_loss(self, outputs, targets):
+        return (outputs.reshape(-1) - targets.reshape(-1)) ** 2
+
+
+def test_an_overflowing_target_is_named_not_an_earlier_outlier():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, generator=g)
+    y = x.sum(1)
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(0)).numpy()  # fit's first epoch
+    y[int(order[3 * 8])] = 300.0  # an outlier in batch 3: a huge loss, at a rate too small to matter
+    y[int(order[4 * 8])] = 3e19  # batch 4: its loss overflows float32
+    torch.manual_seed(0)
+    with pytest.raises(NonFiniteError, match=rf"step 4 for sample id\(s\) \[{int(order[4 * 8])}\] while the other"):
+        hessfree.fit(nn.Linear(3, 1), TensorDataset(x, y), loss=MSE(), lr=1e-6, batch_size=8, **Q)
+
+
+def test_a_users_runtime_error_in_a_stacked_pass_surfaces_at_once_with_a_note():
+    class Picky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp(0)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            if (x[:, 0] > 2.5).any():
+                raise RuntimeError("user check failed")
+            return self.net(x)
+
+    data = tabular(n=64)
+    x, y = data.tensors
+    run = hessfree.fit(Picky(), TensorDataset(x.clamp(max=2.0), y), batch_size=16, epochs=3, checkpoint_every=4, **Q)
+    bad = x.clone().clamp(max=2.0)
+    bad[60, 0] = 3.0  # in the last batch
+    model = run.model
+    model.calls = 0
+    with pytest.raises(RuntimeError, match="user check failed") as info:
+        hessfree.self_influence(run, TensorDataset(bad, y), batch_size=16, stack=True, **Q)
+    calls_stacked = model.calls
+    model.calls = 0
+    with pytest.raises(RuntimeError, match="user check failed"):
+        hessfree.self_influence(run, TensorDataset(bad, y), batch_size=16, stack=False, **Q)
+    notes = "".join(getattr(info.value, "__notes__", []))
+    assert "shared this forward pass" in notes, notes  # raised from the stacked pass, with the way out
+    # the stacked call adds the stacking check's forwards on 16 samples (3 here) to the unstacked
+    # call's; redoing the group one checkpoint at a time would add the four training batches again
+    assert calls_stacked <= model.calls + 3
+
+
+def test_scores_files_small_cases(tmp_path):
+    np.save(tmp_path / "a.npy", np.arange(3))
+    with pytest.raises(InputError, match="cannot be read as a hessfree scores file"):
+        Scores.load(tmp_path / "a.npy")
+    path = tmp_path / "s.npz"
+    Scores([1.0], [0]).save(path)
+    os.chmod(path, 0o600)
+    Scores([2.0], [0]).save(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # a replaced file keeps its permissions
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "t.npz"
+    Scores([1.0], [0]).save(target)
+    (tmp_path / "link.npz").symlink_to(target)
+    Scores([3.0], [0]).save(tmp_path / "link.npz")
+    assert (tmp_path / "link.npz").is_symlink() and Scores.load(target).values.tolist() == [3.0]
+
+
+def test_a_data_folder_moved_elsewhere_and_linked_back_loads(tmp_path):
+    rd = tmp_path / "run"
+    hessfree.fit(mlp(0), tabular(n=8), batch_size=4, run_dir=rd, **Q)
+    data = json.loads((rd / "manifest.json").read_text())["steps"].split("/")[0]
+    shutil.move(str(rd / data), str(tmp_path / "elsewhere"))
+    (rd / data).symlink_to(tmp_path / "elsewhere")
+    assert len(hessfree.Run.load(rd, mlp(0))) == 1

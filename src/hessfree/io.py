@@ -1,9 +1,10 @@
 """Atomic file writes: write to a temporary file in the same folder, flush it to disk, then rename.
 
 A crash mid-write leaves the previous file (if any) intact and never a half-written one. The
-temporary file is named ``.NAME.hessfree-PID-XXXXXXXX.tmp``: a write that fails removes its own
-temporary; one killed outright (``kill -9``, power loss) leaves it, and the next write to the same
-path removes every such leftover whose process is gone. Files and folders are created with the
+temporary file is named ``.NAME.hessfree-PID-START-XXXXXXXX.tmp``: a write that fails removes its
+own temporary; one killed outright (``kill -9``, power loss) leaves it, and the next write to the
+same path removes every such leftover whose process is gone (a pid running again after a restart
+has another start time, so it does not keep a leftover alive). Files and folders are created with the
 permissions the umask allows (as ``open`` and ``mkdir`` would), not the 0600 / 0700 of
 :mod:`tempfile`.
 """
@@ -15,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,27 +73,55 @@ def fsync_file(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
+def process_start(pid: int) -> int:
+    """When process ``pid`` started (clock ticks since boot, from /proc), or 0 where unknown. With
+    the pid it names one process: a pid reused after a restart has another start time."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+PROCESS = (os.getpid(), process_start(os.getpid()))  # this process; set again in a forked child
+
+
+def _after_fork() -> None:
+    global PROCESS
+    PROCESS = (os.getpid(), process_start(os.getpid()))
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
+def writer_alive(pid: int, start: int = 0) -> bool:
+    """Is the process that wrote something (its pid and start time) still running? A pid that now
+    names another process (reused after a restart: another start time) is not."""
+    if (pid, start) == PROCESS or (pid == PROCESS[0] and not start):
         return True
+    if pid == PROCESS[0]:
+        return False  # our pid, another start time: a process before a restart
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except (PermissionError, OSError):
-        return True
-    return True
+        pass
+    now = process_start(pid)
+    return not (start and now and now != start)
 
 
 def temp_prefix(name: str) -> str:
-    """The prefix of this process's temporaries for ``name``: ``.NAME.hessfree-PID-``."""
-    return f".{name}.{TEMP_TAG}-{os.getpid()}-"
+    """The prefix of this process's temporaries for ``name``: ``.NAME.hessfree-PID-START-``."""
+    return f".{name}.{TEMP_TAG}-{PROCESS[0]}-{PROCESS[1]}-"
 
 
-def _leftover_pid(entry: str, name: str, suffix: str) -> int | None:
-    """The writer's pid if ``entry`` is a hessfree temporary of ``name`` (else None)."""
-    m = re.fullmatch(re.escape(f".{name}.{TEMP_TAG}-") + r"(\d+)-[A-Za-z0-9_]+" + re.escape(suffix), entry)
-    return int(m.group(1)) if m else None
+def _leftover_writer(entry: str, name: str, suffix: str) -> tuple[int, int] | None:
+    """The writer (pid, start time) if ``entry`` is a hessfree temporary of ``name`` (else None)."""
+    m = re.fullmatch(re.escape(f".{name}.{TEMP_TAG}-") + r"(\d+)-(?:(\d+)-)?[A-Za-z0-9_]+" + re.escape(suffix),
+                     entry)
+    return (int(m.group(1)), int(m.group(2) or 0)) if m else None
 
 
 def clean_leftovers(path: str | os.PathLike, suffix: str = ".tmp") -> list[Path]:
@@ -108,13 +138,13 @@ def clean_leftovers(path: str | os.PathLike, suffix: str = ".tmp") -> list[Path]
         return removed
     older = []
     for entry in entries:
-        pid = _leftover_pid(entry, path.name, suffix)
-        if pid is None:
+        writer = _leftover_writer(entry, path.name, suffix)
+        if writer is None:
             # an older hessfree named its temporaries without the tag: named for the user, never removed
             if re.fullmatch(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}" + re.escape(suffix), entry):
                 older.append(entry)
             continue
-        if pid_alive(pid):
+        if writer_alive(*writer):
             continue
         p = path.parent / entry
         try:
@@ -139,15 +169,23 @@ def clean_leftovers(path: str | os.PathLike, suffix: str = ".tmp") -> list[Path]
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success flush it to disk and rename it onto
     ``path``. On any failure (a full disk included) the temporary is removed and ``path`` keeps
-    its previous content."""
+    its previous content. A file that is replaced keeps its permissions (a new one gets those the
+    umask allows); a symbolic link at ``path`` is written through (its target is replaced)."""
     path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else None
+    except OSError:
+        mode = None
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(path)
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
-        honour_umask(tmp)  # after writing: a writer may have replaced the file mkstemp made
+        # after writing: a writer may have replaced the file mkstemp made
+        os.chmod(tmp, mode) if mode is not None else honour_umask(tmp)
         fsync_file(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)

@@ -318,7 +318,7 @@ class Run:
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike, model: nn.Module, *, loss: str | Task | None = None,
-             verify: bool = True) -> "Run":
+             verify: bool = True, _checksums: dict | None = None) -> "Run":
         """Restore a Run saved by :func:`fit`. ``loss`` is needed only for a custom Task.
 
         The manifest's values and paths are checked first (finite positive learning rates, every
@@ -332,7 +332,10 @@ class Run:
         validate_manifest(manifest, run_dir)
         if not isinstance(verify, bool):
             raise InputError(f"verify must be True or False, got {verify!r}")
-        checked = verify_files(manifest, run_dir) if verify else {}
+        if _checksums is not None:  # fit's own commit: the checksums were computed from the files just written
+            checked = {rel: (e["sha256"], (run_dir / rel).stat()) for rel, e in _checksums.items()}
+        else:
+            checked = verify_files(manifest, run_dir) if verify else {}
         if loss is None:
             name = manifest["task"]["name"]
             if name == "custom" or name not in ("cross_entropy", "bce"):
@@ -472,17 +475,26 @@ def fit(model: nn.Module, train_dataset: Dataset, *, loss: str | Task = "cross_e
     ids = dataset_sample_ids(train_dataset)
     if not isinstance(overwrite, bool):
         raise InputError(f"overwrite must be True or False, got {overwrite!r}")
+    # put back if fit fails (a copy on the CPU: no accelerator memory is taken for it)
+    before = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     # refused here, before any training, if run_dir may not receive a run; leftovers of killed writes cleaned
     recording = Recording.start(run_dir, overwrite) if run_dir is not None else None
-    before = {k: v.detach().clone() for k, v in model.state_dict().items()}  # put back if fit fails
     try:
-        return _record(model, train_dataset, task, ids, recording, before, lr_fn, lr, epochs, batch_size,
-                       checkpoint_every, steps_per_epoch, n_steps, seed, every, record, l2, params, progress)
-    except BaseException:
-        _restore(model, before)
+        run, manifest = _record(model, train_dataset, task, ids, recording, before, lr_fn, lr, epochs, batch_size,
+                                checkpoint_every, steps_per_epoch, n_steps, seed, every, record, l2, params,
+                                progress)
         if recording is not None:
-            recording.abort()
+            recording.commit(manifest)  # once the manifest is renamed the new run is live: no putting back
+    except BaseException:
+        if recording is None or not recording.committed:
+            _restore(model, before)
+            if recording is not None:
+                recording.abort()
         raise
+    if recording is None:
+        return run
+    log.info("recorded %d steps and %d checkpoints into %s", n_steps, len(manifest["checkpoints"]), recording.root)
+    return Run.load(recording.root, model, loss=task, _checksums=manifest["files"])
 
 
 def _restore(model: nn.Module, state: StateDict) -> None:
@@ -496,8 +508,9 @@ def _restore(model: nn.Module, state: StateDict) -> None:
 def _record(model: nn.Module, train_dataset: Dataset, task: Task, ids: np.ndarray, recording: Recording | None,
             before: StateDict, lr_fn: Callable[[int], float], lr: Any, epochs: int, batch_size: int,
             checkpoint_every: int, steps_per_epoch: int, n_steps: int, seed: int, every: int, record: Any,
-            l2: float, params: list[tuple[str, nn.Parameter]], progress: bool) -> Run:
-    """The training loop of :func:`fit`, recording into ``recording`` (or memory)."""
+            l2: float, params: list[tuple[str, nn.Parameter]], progress: bool) -> tuple[Run | None, dict]:
+    """The training loop of :func:`fit`, recording into ``recording`` (returns (None, its manifest,
+    to be committed)) or memory (returns (the Run, its manifest))."""
     n = len(ids)
     tensors = [p for _, p in params]
     work_dir = recording.dir if recording is not None else None
@@ -510,7 +523,7 @@ def _record(model: nn.Module, train_dataset: Dataset, task: Task, ids: np.ndarra
         "lr": float(lr) if not callable(lr) else "schedule", "checkpoints": [], "steps": None,
         "l2": l2, "record": record if isinstance(record, str) or record is None else every, "trajectory": None,
     }
-    initial_state = before if every else model.state_dict()  # buffers and frozen tensors at θ[0]
+    initial_state = before if every else model.state_dict()  # buffers and frozen tensors at θ[0] (CPU copies)
     if work_dir is not None:
         write_safetensors(work_dir / "checkpoints" / "init.safetensors", initial_state)
         manifest["initial"] = "checkpoints/init.safetensors"
@@ -551,7 +564,7 @@ def _record(model: nn.Module, train_dataset: Dataset, task: Task, ids: np.ndarra
                             f"the loss returned shape {tuple(losses.shape)} for a batch of {len(_pos)} samples: "
                             "Task.per_sample_loss must return one loss per sample (shape (B,)), not their mean")
                     task.validate(outputs, targets, ids[_pos])
-                    watch(_step, _pos, losses, lambda: task.split(_batch)[0])  # inputs read only on failure
+                    watch(_step, _pos, losses, lambda: task.split(_batch))  # the batch is read only on failure
 
                 sgd_step(model, tensors, task, batch, eta, l2, check)
                 positions.append(pos.copy())
@@ -578,7 +591,7 @@ def _record(model: nn.Module, train_dataset: Dataset, task: Task, ids: np.ndarra
     if recording is None:
         manifest["status"] = "complete"
         return Run(model=model, checkpoints=checkpoints, task=task, step_log=step_log, manifest=manifest,
-                   trajectory=trajectory)
+                   trajectory=trajectory), manifest
     if trajectory is not None:
         write_safetensors(work_dir / "trajectory.safetensors",
                           {"steps": torch.as_tensor(trajectory.steps), "thetas": trajectory.thetas})
@@ -590,107 +603,121 @@ def _record(model: nn.Module, train_dataset: Dataset, task: Task, ids: np.ndarra
               lr=step_log.learning_rates, sample_ids=ids)
     manifest["steps"] = "steps.npz"
     manifest["status"] = "complete"
-    recording.commit(manifest)
-    log.info("recorded %d steps and %d checkpoints into %s", n_steps, len(checkpoints), recording.root)
-    return Run.load(recording.root, model, loss=task)
+    return None, manifest
 
 
 class _LossWatch:
     """Traces a non-finite training loss to the sample that caused it.
 
     Every step's per-sample losses are kept in a preallocated ring buffer (the last
-    :data:`WINDOW_FLOATS` losses: one copy per step, no host sync). When a loss is not finite,
-    the batch's inputs are checked first, then its per-sample losses (while the model has not
-    diverged, the non-finite ones are the samples' own); if the model had diverged, the buffer
-    says where that began: at the first step whose largest loss stood :data:`JUMP` times above
-    the usual loss level so far, either one sample alone (named) or the whole batch (a learning
-    rate too high).
+    :data:`WINDOW_FLOATS` losses) and those of the first :data:`EARLY` steps in another (the
+    usual loss level): one copy per step, no host sync. When a loss is not finite, the batch's
+    inputs and targets are checked first; then, if the batch's finite losses are at the usual
+    level, the non-finite ones are the samples' own and are named. Otherwise (every loss
+    non-finite, or the finite ones far above the usual level) the model had diverged, and the
+    buffer says where that began: at the first step whose largest loss stood :data:`JUMP` times
+    above the usual level, either one sample alone (named) or the whole batch (a learning rate too
+    high).
     """
 
     JUMP = 100.0
+    EARLY = 64
     WINDOW_FLOATS = 1 << 22  # 16 MB of float32 losses
 
     def __init__(self, n_steps: int, ids: np.ndarray, positions: list[np.ndarray], batch_size: int):
         self.ids, self.positions, self.width = ids, positions, batch_size
         self.window = max(1, min(n_steps, self.WINDOW_FLOATS // max(1, batch_size)))
         self.buffer: Tensor | None = None
+        self.early: Tensor | None = None
         self.seen = 0  # steps recorded
 
-    def __call__(self, step: int, pos: np.ndarray, losses: Tensor, inputs: Callable[[], Any]) -> None:
+    def __call__(self, step: int, pos: np.ndarray, losses: Tensor, batch: Callable[[], tuple[Any, Any]]) -> None:
         lo = losses.detach().reshape(-1)
         if bool(torch.isfinite(lo).all()):
             if self.buffer is None:
-                self.buffer = torch.full((self.window, self.width), float("nan"), dtype=torch.float32,
-                                         device=lo.device)
-            row = self.buffer[step % self.window]
-            row[:lo.numel()].copy_(lo)
-            if lo.numel() < self.width:
-                row[lo.numel():] = float("nan")
+                self.buffer = lo.new_full((self.window, self.width), float("nan"), dtype=torch.float32)
+                self.early = lo.new_full((min(self.EARLY, self.window), self.width), float("nan"),
+                                         dtype=torch.float32)
+            for buf, row in ((self.buffer, step % self.window), (self.early, step)):
+                if row < len(buf) and (buf is self.buffer or step < len(buf)):
+                    buf[row, :lo.numel()].copy_(lo)
+                    if lo.numel() < self.width:
+                        buf[row, lo.numel():] = float("nan")
             self.seen = step + 1
             return
         ids = self.ids[pos]
-        bad_inputs = _nonfinite_rows(inputs(), len(pos))
-        if bad_inputs is not None and bad_inputs.any():
-            raise NonFiniteError(f"non-finite training loss at step {step} for sample id(s) "
-                                 f"{ids[bad_inputs][:10].tolist()}: their inputs hold NaN or inf values; clean those "
-                                 "samples' inputs or leave them out")
+        inputs, targets = batch()
+        for what, values in (("inputs", inputs), ("targets (labels)", targets)):
+            bad = _nonfinite_rows(values, len(pos))
+            if bad is not None and bad.any():
+                raise NonFiniteError(f"non-finite training loss at step {step} for sample id(s) "
+                                     f"{ids[bad][:10].tolist()}: their {what} hold NaN or inf values; clean those "
+                                     "samples or leave them out")
         finite = torch.isfinite(lo).cpu().numpy()
-        if finite.any() and not self.diverged(step, lo[torch.as_tensor(finite, device=lo.device)]):
+        steps, h = self._history(step)
+        s, level = self._first_jump(h)
+        whole_batch_jumped = s < len(steps) and h[s, 2] > self.JUMP * level
+        if finite.any() and not whole_batch_jumped and float(
+                lo[torch.as_tensor(finite, device=lo.device)].max()) <= self.JUMP * level:
+            earlier = "" if s == len(steps) else (
+                f"; earlier, sample id {int(self.ids[self.positions[int(steps[s])][int(h[s, 1])]])} had a loss of "
+                f"{h[s, 0]:.3g} at step {int(steps[s])} (usual level {level:.3g}): if the samples named look fine, "
+                "that one may have thrown the weights off")
             raise NonFiniteError(f"non-finite training loss at step {step} for sample id(s) "
-                                 f"{ids[~finite][:10].tolist()} while the other samples of the batch are finite; "
-                                 "check those samples' inputs and labels")
+                                 f"{ids[~finite][:10].tolist()} while the other samples of the batch are at the usual "
+                                 "level; check those samples' inputs and labels (a huge value can overflow the "
+                                 f"loss){earlier}")
         raise NonFiniteError(f"non-finite training loss at step {step}: the model had already diverged. "
                              f"{self.diagnosis(step)}")
 
-    def _steps(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """(steps, per-step stats: largest loss, its position in the batch, second largest, median)
-        for the recorded steps before ``step`` still in the window, oldest first."""
-        first = max(0, min(step, self.seen) - self.window)
-        steps = np.arange(first, min(step, self.seen))
-        if self.buffer is None or not len(steps):
-            return steps, np.zeros((0, 4))
-        L = self.buffer.cpu().numpy()[steps % self.window].astype(np.float64)
-        L = np.where(np.isnan(L), -np.inf, L)
+    @staticmethod
+    def _stats(L: np.ndarray) -> np.ndarray:
+        """Per step (row of per-sample losses, NaN-padded): largest, its position, second largest, median."""
+        L = np.where(np.isnan(L), -np.inf, L.astype(np.float64))
         order = np.argsort(-L, axis=1, kind="stable")
-        top = np.take_along_axis(L, order[:, :2], axis=1) if L.shape[1] > 1 else np.c_[L, np.full(len(L), -np.inf)]
+        second = np.take_along_axis(L, order[:, 1:2], axis=1)[:, 0] if L.shape[1] > 1 else np.full(len(L), -np.inf)
+        top = np.take_along_axis(L, order[:, :1], axis=1)[:, 0]
         med = np.nanmedian(np.where(np.isinf(L), np.nan, L), axis=1)
-        return steps, np.c_[top[:, 0], order[:, 0], top[:, 1], med]
+        return np.c_[top, order[:, 0], second, med]
 
-    def diverged(self, step: int, finite_losses: Tensor) -> bool:
-        """Whether the steps before ``step``, or this batch's finite losses, jumped above the usual level."""
-        _, h = self._steps(step)
-        if not len(h):
-            return False
-        s = self._first_jump(h)
-        if s < len(h):
-            return True
-        return float(finite_losses.max()) > self.JUMP * max(float(np.median(h[:, 3])), 1e-6)
+    def _history(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, their stats) for the recorded steps before ``step``: the first :data:`EARLY`
+        steps and those still in the window, oldest first."""
+        last = min(step, self.seen)
+        if self.buffer is None or not last:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, 4))
+        window = np.arange(max(0, last - self.window), last)
+        early = np.arange(min(last, len(self.early), int(window[0]) if len(window) else last))
+        rows = [self.early[:len(early)].cpu().numpy(), self.buffer.cpu().numpy()[window % self.window]]
+        return np.concatenate([early, window]), self._stats(np.concatenate(rows))
 
-    def _first_jump(self, h: np.ndarray) -> int:
-        for s in range(len(h)):
-            base = max(float(np.median(h[:max(s, 1), 3])), 1e-6)
+    def _first_jump(self, h: np.ndarray) -> tuple[int, float]:
+        """(index of the first step whose largest loss stood JUMP times above the median of the
+        batch medians before it, or len(h); that usual level)."""
+        for s in range(1, len(h)):
+            base = max(float(np.median(h[:s, 3])), 1e-6)
             if h[s, 0] > self.JUMP * base:
-                return s
-        return len(h)
+                return s, base
+        return len(h), max(float(np.median(h[:, 3])), 1e-6) if len(h) else 1e-6
 
     def diagnosis(self, step: int) -> str:
         """Where the divergence began, from the losses of the steps before ``step``."""
-        steps, h = self._steps(step)
+        steps, h = self._history(step)
         if not len(steps):
             return "It did so at the first step: lower the learning rate or check the initial weights and data."
-        s = self._first_jump(h)
+        s, level = self._first_jump(h)
         if s == len(steps):
-            return (f"No step's losses stood out (the batch median loss went from {h[steps[0], 3]:.3g} at step "
-                    f"{steps[0]} to {h[steps[-1], 3]:.3g} at step {steps[-1]}): lower the learning rate.")
+            return (f"No step's losses stood out (the batch median loss went from {h[0, 3]:.3g} at step {steps[0]} "
+                    f"to {h[-1, 3]:.3g} at step {steps[-1]}): lower the learning rate.")
         t = int(steps[s])
-        base = max(float(np.median(h[:max(s, 1), 3])), 1e-6)
-        if not h[s, 2] > self.JUMP * base:  # one sample alone (the second largest stayed usual)
+        gap = "" if steps[s - 1] == t - 1 else f" (the steps {int(steps[s - 1]) + 1}..{t - 1} are no longer kept)"
+        if not h[s, 2] > self.JUMP * level:  # one sample alone (the second largest stayed usual)
             sid = int(self.ids[self.positions[t][int(h[s, 1])]])
-            return (f"It began with sample id {sid} at step {t}: its loss {h[s, 0]:.3g} against a usual level of "
-                    f"{base:.3g}. Check that sample's inputs and label (an extreme value there moves every "
+            return (f"It began with sample id {sid} at step {t}{gap}: its loss {h[s, 0]:.3g} against a usual level "
+                    f"of {level:.3g}. Check that sample's inputs and label (an extreme value there moves every "
                     "weight), or lower the learning rate.")
-        return (f"It began at step {t}, where the losses of the whole batch jumped (largest {h[s, 0]:.3g}, second "
-                f"{h[s, 2]:.3g}, against a usual level of {base:.3g}): lower the learning rate.")
+        return (f"It began at step {t}{gap}, where the losses of the whole batch jumped (largest {h[s, 0]:.3g}, "
+                f"second {h[s, 2]:.3g}, against a usual level of {level:.3g}): lower the learning rate.")
 
     def check_parameters(self, step: int, params: list[tuple[str, nn.Parameter]]) -> None:
         for name, p in params:

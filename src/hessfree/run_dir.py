@@ -27,19 +27,22 @@ import math
 import os
 import re
 import secrets
-import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
 from hessfree.errors import RunDirectoryError, RunIntegrityError
-from hessfree.io import fsync_dir, honour_umask, pid_alive, sha256_file, write_json
+import hessfree.io as hio
+from hessfree.io import TEMP_TAG, fsync_dir, honour_umask, sha256_file, write_json, writer_alive
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 RUN_FORMAT = "hessfree-run"
-MARKER = ".hessfree-data"  # in every recording folder: {"pid": writer, …} until committed, then {"pid": None, …}
+MARKER = ".hessfree-data"  # in every recording folder: {"pid", "start"} of its writer until committed,
+# then {"pid": None, "files": [its files]}
+_TEMP = re.compile(r"\..+\." + TEMP_TAG + r"-\d+-(?:\d+-)?[A-Za-z0-9_]+\.tmp")  # io.atomic_path's temporaries
+_LAYOUT = re.compile(r"(checkpoints/(init|step_\d+)\.safetensors|steps\.npz|trajectory\.safetensors)")
 RECORDING_PREFIX = ".hessfree-recording-"
 DATA_PREFIX = "data-"
 
@@ -131,14 +134,13 @@ def validate_manifest(manifest: dict, run_dir: Path) -> None:
         l2 = traj.get("l2")
         if not isinstance(l2, (int, float)) or not math.isfinite(l2) or l2 < 0:
             raise bad(f"trajectory l2 is {l2!r}, not a finite non-negative number")
-    root = run_dir.resolve()
     for what, c, key in path_fields(manifest):
         rel = c.get(key)
         if not isinstance(rel, str) or not rel:
             raise bad(f"the {what} path is {rel!r}")
         p = Path(rel)
-        target = (run_dir / p).resolve()
-        if p.is_absolute() or ".." in p.parts or (target != root and root not in target.parents):
+        # lexical: a data folder the user moved elsewhere and linked back stays loadable
+        if p.is_absolute() or ".." in p.parts or p.drive:
             raise bad(f"the {what} path {rel!r} points outside the run folder")
     files = manifest.get("files")
     if files is not None and not isinstance(files, dict):
@@ -196,20 +198,22 @@ def _recordings(run_dir: Path) -> list[Path]:
 
 
 def _ours_and_dead(folder: Path) -> bool:
-    """A hessfree recording folder whose writer is gone: it carries the marker naming a dead
-    process, or it is a recording folder of a dead process (pid in its name) killed while its
-    marker was being written (nothing inside but the marker's temporary)."""
+    """A hessfree recording folder whose writer is gone: it carries the marker, naming no writer
+    (committed) or one that no longer runs, or it is a recording folder of such a process (pid and
+    start time in its name) killed while its marker was being written (nothing inside but the
+    marker's temporary)."""
     if folder.is_symlink() or not folder.is_dir():
         return False
     mark = _marker(folder)
-    if mark is not None:  # a committed folder names no pid: only a manifest keeps it
-        pid = mark.get("pid")
-        return not (isinstance(pid, int) and pid_alive(pid))
+    if mark is not None:
+        pid, start = mark.get("pid"), mark.get("start", 0)
+        return not (isinstance(pid, int) and writer_alive(pid, start if isinstance(start, int) else 0))
     if not folder.name.startswith(RECORDING_PREFIX):
         return False
     try:
-        pid = int(folder.name[len(RECORDING_PREFIX):].split("-")[0])
-        return not pid_alive(pid) and all(e.name == MARKER or e.name.startswith(f".{MARKER}.") for e in folder.iterdir())
+        pid, start = (int(v) for v in folder.name[len(RECORDING_PREFIX):].split("-")[:2])
+        return not writer_alive(pid, start) and all(
+            e.name == MARKER or e.name.startswith(f".{MARKER}.") for e in folder.iterdir())
     except (OSError, ValueError):
         return False
 
@@ -290,11 +294,12 @@ class Recording:
                         ", ".join(p.name for p in old), " ".join(str(p) for p in old))
         made = [p for p in (root, *root.parents) if not p.exists()]
         root.mkdir(parents=True, exist_ok=True)
-        folder = root / f"{RECORDING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        pid, start = hio.PROCESS  # read now: a forked child has its own
+        folder = root / f"{RECORDING_PREFIX}{pid}-{start}-{secrets.token_hex(4)}"
         rec = cls(root, folder, made)
         folder.mkdir()
         try:
-            write_json(folder / MARKER, {"pid": os.getpid(), "created": _now()})
+            write_json(folder / MARKER, {"pid": pid, "start": start, "created": _now()})
         except BaseException:
             rec.abort()
             raise
@@ -314,6 +319,7 @@ class Recording:
         """Make this recording the live run of the folder (see the module docstring for the order)."""
         name = f"{DATA_PREFIX}{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
         files = {}
+        own = sorted(c[key] for _, c, key in path_fields(manifest))  # relative to the recording folder
         for _, c, key in path_fields(manifest):
             path = self.dir / c[key]
             c[key] = f"{name}/{c[key]}"
@@ -333,33 +339,50 @@ class Recording:
         fsync_dir(self.root)
         write_json(self.root / MANIFEST, manifest)  # the commit: atomic, flushed
         self.committed = True
-        # committed: from now on only the manifest keeps this folder (once no manifest names it, it
-        # is a leftover whoever wrote it, even while that process lives on)
-        write_json(self.dir / MARKER, {"pid": None, "committed": _now()})
-        if old is not None:
-            _remove_old(self.root, old, keep=set(referenced(manifest)))
+        try:  # the new run is live: what follows is tidying, and its failure must not fail the commit
+            # committed: from now on only a manifest keeps this folder (once none names it, it is a
+            # leftover, whoever wrote it), and the marker lists its files, the only ones removed then
+            write_json(self.dir / MARKER, {"pid": None, "committed": _now(), "files": own})
+            if old is not None:
+                _remove_old(self.root, old, keep=set(referenced(manifest)))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("the new run in %s is complete, but removing the previous one failed (%s); the next fit "
+                        "into this folder removes it", self.root, exc)
 
     def __repr__(self) -> str:
         return f"Recording({str(self.dir)!r})"
 
 
 def remove_marked(folder: Path) -> None:
-    """Remove a folder of hessfree's, its marker last: a removal killed part-way leaves a folder
-    that still carries the marker, which the next write removes."""
+    """Remove what hessfree wrote in one of its recording folders, its marker last (a removal
+    killed part-way leaves a folder that still carries the marker, which the next write removes):
+    the files the marker lists (a committed folder) or, for one never committed, the files of a
+    recording's layout, and io.atomic_path's temporaries. Anything else found there stays, with
+    the folder, and is named in a warning."""
     if folder.is_symlink() or not folder.is_dir():
         return
-    for entry in folder.iterdir():
-        if entry.name == MARKER:
+    mark = _marker(folder) or {}
+    listed = set(mark["files"]) if isinstance(mark.get("files"), list) else None
+    for p in sorted(folder.rglob("*"), key=lambda q: len(q.parts), reverse=True):
+        rel = p.relative_to(folder).as_posix()
+        if rel == MARKER or p.is_dir() and not p.is_symlink():
             continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-    (folder / MARKER).unlink(missing_ok=True)
+        ours = _TEMP.fullmatch(p.name) is not None or (rel in listed if listed is not None else
+                                                        _LAYOUT.fullmatch(rel) is not None)
+        if ours:
+            p.unlink(missing_ok=True)
+    for d in sorted((q for q in folder.rglob("*") if q.is_dir() and not q.is_symlink()),
+                    key=lambda q: len(q.parts), reverse=True):
+        try:
+            d.rmdir()
+        except OSError:
+            pass
+    (folder / MARKER).unlink(missing_ok=True)  # last but the folder: killed after it, the folder is empty
     try:
         folder.rmdir()
     except OSError:
-        shutil.rmtree(folder, ignore_errors=True)  # something appeared meanwhile: ours by the marker
+        left = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
+        log.warning("kept %s: it holds files hessfree did not write (%s)", folder, ", ".join(left[:5]))
 
 
 def _remove_old(root: Path, old: dict, keep: set[str]) -> None:

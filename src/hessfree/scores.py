@@ -143,7 +143,10 @@ class Scores:
         if not path.is_file():
             raise InputError(f"no scores file at {path}")
         try:
-            with np.load(path, allow_pickle=False) as z:
+            z = np.load(path, allow_pickle=False)
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise ValueError(f"it holds one {type(z).__name__}, not the arrays of an .npz")
+            with z:
                 missing = [k for k in ("values", "sample_ids", "meta_json") if k not in z.files]
                 if missing:
                     raise InputError(f"{path} is not a hessfree scores file: it has no {', '.join(missing)}")

@@ -36,12 +36,12 @@ class NotStackable(Exception):
 
 
 @contextmanager
-def stacking_failures(active: bool) -> Iterator[None]:
-    """While several checkpoints share a pass (``active``), a torch RuntimeError raised by the work
-    inside (a later batch the stacked layers cannot take, memory) means that pass failed: it is
-    raised as NotStackable, chained to the original, for the caller to score the checkpoints one at
-    a time. Only the gradient work goes inside, never the reading of the user's dataset, and errors
-    of other types pass through unchanged, so a user's own exception surfaces at once."""
+def stacking_failures(active: bool, group: int = 1) -> Iterator[None]:
+    """While several checkpoints share a pass (``active``): running out of memory means the pass
+    failed (NotStackable, chained, for the caller to score the checkpoints one at a time), as does
+    a failure inside a stacked layer (raised as NotStackable there). Any other error, the user's
+    own included, surfaces at once and unchanged, with a note saying that checkpoints shared the
+    pass (a model that assumes its batch size would fail so: pass stack=False)."""
     if not active:
         yield
         return
@@ -49,8 +49,12 @@ def stacking_failures(active: bool) -> Iterator[None]:
         yield
     except NotStackable:
         raise
-    except RuntimeError as exc:
+    except torch.OutOfMemoryError as exc:
         raise NotStackable(f"{type(exc).__name__}: {exc}") from exc
+    except Exception as exc:
+        exc.add_note(f"(hessfree: {group} checkpoints shared this forward pass, the batch repeated once per "
+                     "checkpoint; if the model assumes a batch size or reorders its batch, pass stack=False)")
+        raise
 
 
 def stackable_kind(module: nn.Module) -> str | None:
@@ -174,17 +178,25 @@ def stacked_forward(module: nn.Module, kind: str, k: int, batch_rows: Callable[[
             return t
         return t.unsqueeze(0).expand(k, *t.shape)
 
+    def ours(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+        def forward(x: Tensor) -> Tensor:  # a failure in here is the stacked pass's, not the user's
+            try:
+                return fn(x)
+            except (RuntimeError, ValueError, IndexError) as exc:
+                raise NotStackable(f"stacked {type(module).__name__}: {type(exc).__name__}: {exc}") from exc
+        return forward
+
     if kind == "linear":
-        def forward(x: Tensor) -> Tensor:
+        def linear(x: Tensor) -> Tensor:
             rows = batch_rows()
             _check_rows(x, k, rows, module)
             W, b = stack(module.weight, 2), stack(module.bias, 1)
             xs = x.reshape(k, -1, x.shape[-1])
             y = torch.bmm(xs, W.transpose(1, 2)) if b is None else torch.baddbmm(b.unsqueeze(1), xs, W.transpose(1, 2))
             return y.reshape(*x.shape[:-1], W.shape[1])
-        return forward
+        return ours(linear)
     if kind == "embedding":
-        def forward(ids: Tensor) -> Tensor:
+        def embedding(ids: Tensor) -> Tensor:
             rows = batch_rows()
             _check_rows(ids, k, rows, module)
             W = stack(module.weight, 2)
@@ -192,5 +204,5 @@ def stacked_forward(module: nn.Module, kind: str, k: int, batch_rows: Callable[[
             offset = (torch.arange(k, device=ids.device) * V).view(k, *([1] * ids.dim()))
             flat = (ids.reshape(k, rows, *ids.shape[1:]) + offset).reshape(ids.shape)
             return F.embedding(flat, W.reshape(k * V, -1))
-        return forward
+        return ours(embedding)
     raise ValueError(f"no stacked forward for {kind!r}")

@@ -209,7 +209,7 @@ class Scorer:
         K = len(states)
         try:
             together = self.engine.batch_grads(batch, ids, validate=False).sq_norms().double().view(K, -1)
-        except Exception as e:  # noqa: BLE001 — any failure means: score these one at a time
+        except (NotStackable, RuntimeError) as e:  # the check batch failed stacked: one at a time
             log.info("checkpoints one at a time: %s", e)
             self.engine.bind(states[0])
             return False
@@ -238,7 +238,7 @@ class Scorer:
     def stacking_failures(self):
         """Context: a torch RuntimeError inside means the stacked pass failed (NotStackable), while
         several checkpoints are bound (:func:`hessfree.grads.stacked.stacking_failures`)."""
-        return stacking_failures(self.engine.stack > 1)
+        return stacking_failures(self.engine.stack > 1, self.engine.stack)
 
     def add(self, out: torch.Tensor, pos: np.ndarray, values: torch.Tensor, scale: float) -> None:
         """out[pos] += scale * values (float64 accumulation; a slice when pos is contiguous)."""

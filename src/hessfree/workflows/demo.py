@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from sklearn.datasets import load_digits
@@ -25,14 +25,13 @@ from torch.utils.data import TensorDataset
 
 from hessfree import baselines
 from hessfree.data import flip_labels
-from hessfree.errors import InputError, RunDirectoryError
+from hessfree.errors import RunDirectoryError
 from hessfree.evaluate import metrics
 from hessfree.evaluate.retrain import evaluate_model
-from hessfree.io import write_json
+from hessfree.io import sha256_file, write_json
 from hessfree.methods.tracin import self_influence
 from hessfree.run import fit
-from hessfree.run_dir import is_run
-from hessfree.scores import Scores
+from hessfree.run_dir import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +62,11 @@ def digits_noisy(noise: float, seed: int) -> dict[str, Any]:
 DEMO_FORMAT = "hessfree-demo"
 
 
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse, before any work, an output folder whose demo files exist (without ``overwrite``) or
-    are not the demo's own (ever): ``demo.json``, ``self_influence.npz`` and ``run/``."""
+def check_out_dir(out: Path, overwrite: bool) -> dict[str, str]:
+    """Refuse, before any work, an output folder whose demo results exist (without ``overwrite``)
+    or are not the demo's own: ``run/`` and ``self_influence.npz`` are replaced only if the
+    ``demo.json`` there (written by the demo) names them, the run by its data folder and the scores
+    by their SHA-256. Returns what that ``demo.json`` names (empty if there is none)."""
     if out.exists() and not out.is_dir():
         raise RunDirectoryError(f"{out} is a file, not a folder: choose another --out")
     existing = [name for name in ("demo.json", "self_influence.npz", "run") if (out / name).exists()]
@@ -73,51 +74,75 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         raise RunDirectoryError(f"{out} already holds {', '.join(existing)}: pass --overwrite to replace the demo's "
                                 "results there (files the demo did not write are never touched), or choose another "
                                 "--out")
+    written: dict[str, str] = {}
     if "demo.json" in existing:
         try:
-            ours = json.loads((out / "demo.json").read_text()).get("format") == DEMO_FORMAT
-        except (OSError, ValueError, AttributeError):
-            ours = False
-        if not ours:
+            record = json.loads((out / "demo.json").read_text())
+        except (OSError, ValueError):
+            record = None
+        if not isinstance(record, dict) or record.get("format") != DEMO_FORMAT:
             raise RunDirectoryError(f"{out / 'demo.json'} was not written by hessfree demo: it is never replaced; "
                                     "choose another --out")
+        written = record.get("written") if isinstance(record.get("written"), dict) else {}
+    never = "the demo never replaces what it did not write; choose another --out (or move it away yourself)"
+    if "run" in existing:
+        run = out / "run"
+        if not run.is_dir():
+            raise RunDirectoryError(f"{run} is a file, not a run the demo recorded: {never}")
+        if any(run.iterdir()):
+            live = _live_data(run)
+            if live is None or written.get("run") != live:
+                raise RunDirectoryError(f"{run} holds {'a hessfree run' if live else 'files'} that demo.json does "
+                                        f"not name as the demo's: {never}")
     if "self_influence.npz" in existing:
-        try:
-            ours = Scores.load(out / "self_influence.npz").meta.get("method") == "self_influence"
-        except InputError:
-            ours = False
-        if not ours:
-            raise RunDirectoryError(f"{out / 'self_influence.npz'} is not a hessfree scores file: it is never "
-                                    "replaced; choose another --out")
-    if "run" in existing and any((out / "run").iterdir()) and not is_run(out / "run"):
-        raise RunDirectoryError(f"{out / 'run'} is not a hessfree run: it is never replaced; choose another --out")
+        scores = out / "self_influence.npz"
+        if not scores.is_file() or written.get("self_influence.npz") != sha256_file(scores):
+            raise RunDirectoryError(f"{scores} is not the file demo.json names as the demo's (it was not written by "
+                                    f"the demo, or changed since): {never}")
+    return written
+
+
+def _live_data(run: Path) -> str | None:
+    """The data folder a hessfree run folder's manifest makes live, or None if it is no run."""
+    try:
+        return Path(read_manifest(run)["steps"]).parts[0]
+    except (RunDirectoryError, KeyError, TypeError, IndexError):
+        return None
 
 
 def run_demo(out_dir: str | os.PathLike = "results/demo", config: DemoConfig | None = None,
              progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Run the demo; write ``demo.json``, the run and the scores under ``out_dir``; return the result.
 
-    Results already in ``out_dir`` are replaced only with ``overwrite=True``, and only files the
-    demo wrote. ``demo.json`` is written first with ``"status": "running"`` and last with
-    ``"complete"`` (or ``"failed"``), so a folder whose demo was killed part-way says so.
+    Results already in ``out_dir`` are replaced only with ``overwrite=True``, and only those the
+    demo wrote (named in its ``demo.json``). ``demo.json`` is written first with ``"status":
+    "running"``, again as each result is written, and last with ``"complete"`` (or ``"failed"``),
+    so a folder whose demo was killed part-way says so, and says which results are the demo's.
     """
     cfg = config or DemoConfig()
     out = Path(out_dir)
-    check_out_dir(out, overwrite)
+    written = dict(check_out_dir(out, overwrite))
     header = {"format": DEMO_FORMAT, "config": asdict(cfg),
               "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    write_json(out / "demo.json", {**header, "status": "running"})
+
+    def note(key: str | None = None, value: str | None = None) -> None:
+        if key is not None:
+            written[key] = value
+        write_json(out / "demo.json", {**header, "status": "running", "written": written})
+
+    note()
     try:
-        result = _run(out, cfg, progress)
+        result = _run(out, cfg, progress, note)
     except BaseException as exc:
-        write_json(out / "demo.json", {**header, "status": "failed", "error": f"{type(exc).__name__}: {exc}"})
+        write_json(out / "demo.json", {**header, "status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                                       "written": written})
         raise
-    result = {**header, "status": "complete", **result}
+    result = {**header, "status": "complete", "written": written, **result}
     write_json(out / "demo.json", result)
     return result
 
 
-def _run(out: Path, cfg: DemoConfig, progress: bool) -> dict[str, Any]:
+def _run(out: Path, cfg: DemoConfig, progress: bool, note: Callable[[str, str], None]) -> dict[str, Any]:
     timing: dict[str, float] = {}
     t = time.perf_counter()
     data = digits_noisy(cfg.noise, cfg.seed)
@@ -132,6 +157,7 @@ def _run(out: Path, cfg: DemoConfig, progress: bool) -> dict[str, Any]:
     run = fit(model, train, loss="cross_entropy", lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
               checkpoint_every=steps // cfg.n_checkpoints, seed=cfg.seed, run_dir=out / "run", overwrite=True,
               progress=progress)
+    note("run", _live_data(out / "run"))
     timing["fit_s"] = time.perf_counter() - t
     test_acc = evaluate_model(model, data["test"], run.task)["accuracy"]
 
@@ -151,7 +177,7 @@ def _run(out: Path, cfg: DemoConfig, progress: bool) -> dict[str, Any]:
                      metrics.average_precision(scores, flipped), "time_s": dt})
         if name == "self_influence":
             timing["self_influence_s"] = dt
-            scores.save(out / "self_influence.npz")
+            note("self_influence.npz", sha256_file(scores.save(out / "self_influence.npz")))
     return {"n_train": len(train), "n_flipped": int(flipped.sum()), "n_checkpoints": len(run.checkpoints),
             "test_accuracy": test_acc, "timing": timing, "methods": rows, "torch_threads": torch.get_num_threads()}
 
