@@ -1,0 +1,256 @@
+"""The layer-rule registry: every rule against a float64 per-sample autograd loop.
+
+Self-influence, the train × test matrix and target dot products, float64 ≤ 1e-9 and float32 ≤ 5e-5
+relative error (entries ≥ 1e-3 of the max), with odd shapes (stride, dilation, padding, positions),
+and no parameter left on the vmap fallback. Also: a user's own rule, and a wrong rule caught by
+the engine's first-batch check.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import hessfree
+from hessfree.grads import rules
+from hessfree.grads.blocks import DenseBlock
+from helpers import brute_grads, brute_target_grad, rel_err
+
+TOL = {torch.float64: 1e-9, torch.float32: 5e-5}
+Q = dict(progress=False)
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 4, 3, padding=2, dilation=2)
+        self.c2 = nn.Conv1d(4, 5, 2, stride=2, bias=False)
+        self.c3 = nn.Conv1d(5, 4, 3, padding="valid")
+        self.fc = nn.Linear(4 * 3, 3)
+
+    def forward(self, x):  # (B, 3, 11)
+        x = torch.tanh(self.c1(x))
+        x = torch.tanh(self.c2(x))
+        return self.fc(torch.tanh(self.c3(x)).flatten(1))
+
+
+class NormSeq(nn.Module):
+    """LayerNorm and RMSNorm over (B, T, d), one of them without a bias, and a norm used twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 6)
+        self.ln = nn.LayerNorm(6)
+        self.rms = nn.RMSNorm(6, eps=1e-5)
+        self.ln2 = nn.LayerNorm(6, bias=False)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):  # (B, T=5, 4)
+        h = torch.tanh(self.ln(self.inp(x)))
+        h = self.rms(h) + self.rms(h * 0.5)  # called twice: two calls' gradients summed
+        return self.head(self.ln2(h).mean(1))
+
+
+class NormConv(nn.Module):
+    """GroupNorm and eval-mode BatchNorm2d / BatchNorm1d with running statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 6, 3, padding=1)
+        self.gn = nn.GroupNorm(3, 6)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6 * 4 * 4, 5)
+        self.bn1 = nn.BatchNorm1d(5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):  # (B, 2, 4, 4)
+        h = torch.relu(self.bn(self.gn(self.conv(x))))
+        return self.head(torch.tanh(self.bn1(self.fc(h.flatten(1)))))
+
+
+class TConv1D(nn.Module):
+    """Hugging Face's GPT-2 Conv1D, as transformers defines it: y = x W + b with W (nx, nf)."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.3)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+class GPTish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(13, 6)
+        self.attn = TConv1D(6, 6)
+        self.ln = nn.LayerNorm(6)
+        self.head = TConv1D(3, 6)
+
+    def forward(self, ids):  # (B, T)
+        h = self.ln(torch.tanh(self.attn(self.emb(ids))))
+        return self.head(h.mean(1))
+
+
+def seq_data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 5, 4, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
+def conv1d_data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 3, 11, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
+def img_data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 2, 4, 4, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
+def token_data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randint(0, 13, (n, 7), generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
+def perturbed_run(model: nn.Module, k: int = 3, seed: int = 0) -> hessfree.Run:
+    """k checkpoints: the model's weights (and running statistics) perturbed, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    states = []
+    for _ in range(k):
+        sd = {n: (t + 0.3 * torch.randn(t.shape, generator=g) if t.is_floating_point() else t.clone())
+              for n, t in model.state_dict().items()}
+        for n in sd:
+            if n.endswith("running_var"):
+                sd[n] = sd[n].abs() + 0.5
+        states.append(sd)
+    return hessfree.Run.from_checkpoints(model, states, [0.1, 0.05, 0.02][:k])
+
+
+@pytest.fixture(autouse=True)
+def registry():
+    saved = dict(rules._RULES)
+    yield
+    rules._RULES.clear()
+    rules._RULES.update(saved)
+
+
+CASES = {
+    "conv1d": (Conv1dNet, conv1d_data),
+    "layernorm_rmsnorm": (NormSeq, seq_data),
+    "groupnorm_batchnorm": (NormConv, img_data),
+    "transposed_linear": (GPTish, token_data),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", list(CASES))
+def test_rule_matches_bruteforce(name, dtype):
+    if name == "transposed_linear":
+        rules.register_rule(TConv1D, rules.TransposedLinearRule())
+    build, make = CASES[name]
+    torch.manual_seed(0)
+    run = perturbed_run(build())
+    train, test = make(19, 0), make(6, 1)
+    names = [n for n, _ in run.model.named_parameters()]
+    G, H = brute_grads(run, train, names), brute_grads(run, test, names)
+    etas = run.learning_rates
+    kw = dict(dtype=dtype, batch_size=7, **Q)
+    tol = TOL[dtype]
+
+    s = hessfree.self_influence(run, train, **kw)
+    assert s.meta["fallback_params"] == []  # every parameter went through a rule
+    assert rel_err(s.values, sum(eta * (g * g).sum(1) for eta, g in zip(etas, G))) <= tol
+
+    p = hessfree.pairwise_influence(run, train, test, **kw)
+    assert rel_err(p.values, sum(eta * h @ g.T for eta, g, h in zip(etas, G, H))) <= tol
+
+    def val_loss(model):
+        x, y = test.tensors
+        x = x.double() if x.dtype.is_floating_point else x
+        return run.task.per_sample_loss(model(x), y).mean()
+
+    q = [brute_target_grad(run, k, names, val_loss) for k in range(len(run))]
+    t = hessfree.influence(run, train, hessfree.targets.Loss(test, batch_size=4), **kw)
+    assert rel_err(t.values, sum(eta * g @ qk for eta, g, qk in zip(etas, G, q))) <= tol
+
+
+def test_batchnorm_without_running_statistics_keeps_the_fallback():
+    torch.manual_seed(0)
+    model = NormConv()
+    model.bn = nn.BatchNorm2d(6, track_running_stats=False)  # eval mode still normalises by the batch
+    run = perturbed_run(model, k=1)
+    s = hessfree.self_influence(run, img_data(8, 0), **Q)
+    assert {"bn.bias", "bn.weight"} <= set(s.meta["fallback_params"])  # a batch-coupled layer has no rule
+
+
+class Scale(nn.Module):
+    """y = x ⊙ w + b elementwise: a layer type hessfree has no rule for."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d))
+        self.bias = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        return x * self.weight + self.bias
+
+
+class ScaleRule(rules.LayerRule):
+    def block(self, module, calls, sel):
+        gw = sum((go * x).reshape(sel.B, -1, module.weight.numel()).sum(1) for x, go in calls)
+        gb = sum(go.reshape(sel.B, -1, module.weight.numel()).sum(1) for _, go in calls)
+        cols = [(sel.weight, gw), (sel.bias, gb)]
+        cols = [(n, v) for n, v in cols if n is not None]
+        return DenseBlock(torch.cat([v for _, v in cols], 1), [n for n, _ in cols], [module.weight.numel()] * len(cols))
+
+
+def scale_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), Scale(5), nn.Linear(5, 3))
+
+
+def test_a_users_rule_is_used_and_exact():
+    run = perturbed_run(scale_model())
+    data = TensorDataset(torch.randn(11, 4), torch.randint(0, 3, (11,)))
+    before = hessfree.self_influence(run, data, dtype=torch.float64, **Q)
+    assert sorted(before.meta["fallback_params"]) == ["2.bias", "2.weight"]
+    rules.register_rule(Scale, ScaleRule())
+    after = hessfree.self_influence(run, data, dtype=torch.float64, **Q)
+    assert after.meta["fallback_params"] == []
+    assert rel_err(after.values, before.values) <= 1e-12
+    with pytest.raises(TypeError):
+        rules.register_rule(Scale, object())
+
+
+def test_a_wrong_rule_is_caught_on_the_first_batch_and_demoted(caplog):
+    class Wrong(ScaleRule):
+        def block(self, module, calls, sel):
+            b = super().block(module, calls, sel)
+            return DenseBlock(b.G * 1.5, b.names, b.sizes)
+
+    run = perturbed_run(scale_model())
+    data = TensorDataset(torch.randn(11, 4), torch.randint(0, 3, (11,)))
+    ref = hessfree.self_influence(run, data, dtype=torch.float64, **Q)
+    rules.register_rule(Scale, Wrong())
+    with caplog.at_level(logging.WARNING):
+        s = hessfree.self_influence(run, data, dtype=torch.float64, **Q)
+    assert "layer '2'" in caplog.text and sorted(s.meta["fallback_params"]) == ["2.bias", "2.weight"]
+    assert rel_err(s.values, ref.values) <= 1e-12
+
+
+def test_transposed_rule_registers_for_transformers_when_installed():
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        assert rules.register_transformers_rules() is False
+        return
+    assert rules.register_transformers_rules() is True
+    from transformers.pytorch_utils import Conv1D
+    assert isinstance(rules.rule_for(Conv1D(4, 3)), rules.TransposedLinearRule)
