@@ -254,3 +254,128 @@ def test_transposed_rule_registers_for_transformers_when_installed():
     assert rules.register_transformers_rules() is True
     from transformers.pytorch_utils import Conv1D
     assert isinstance(rules.rule_for(Conv1D(4, 3)), rules.TransposedLinearRule)
+
+
+class Encoder(nn.Module):
+    """Embedding + nn.TransformerEncoder (self-attention, LayerNorm, GELU MLP) + mean pool + head,
+    with a key-padding mask from token 0 and, optionally, a causal mask and sequence-first layout."""
+
+    def __init__(self, batch_first=True, causal=False):
+        super().__init__()
+        self.batch_first, self.causal = batch_first, causal
+        self.emb = nn.Embedding(13, 8, padding_idx=0)
+        layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.0, activation="gelu",
+                                           batch_first=batch_first)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids):  # (B, T)
+        h = self.emb(ids)
+        pad = ids == 0
+        pad[:, 0] = False  # never a fully masked row
+        mask = nn.Transformer.generate_square_subsequent_mask(ids.shape[1]) if self.causal else None
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        h = self.enc(h, mask=mask, src_key_padding_mask=pad, is_causal=self.causal)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        return self.head(h.mean(1))
+
+
+class PlainAttention(nn.Module):
+    """nn.MultiheadAttention called directly (need_weights left at its default), weights used too."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 6)
+        self.attn = nn.MultiheadAttention(6, 3, batch_first=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):  # (B, T=5, 4)
+        h = torch.tanh(self.inp(x))
+        out, w = self.attn(h, h, h)
+        return self.head(out.mean(1) + torch.einsum("bt,btd->bd", w.sum(1), h) / 5)
+
+
+ATTENTION = {
+    "encoder": (lambda: Encoder(), token_data),
+    "encoder_seq_first_causal": (lambda: Encoder(batch_first=False, causal=True), token_data),
+    "plain_attention_weights": (PlainAttention, seq_data),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", list(ATTENTION))
+def test_attention_rule_matches_bruteforce(name, dtype):
+    build, make = ATTENTION[name]
+    torch.manual_seed(0)
+    run = perturbed_run(build())
+    train, test = make(13, 0), make(5, 1)
+    names = [n for n, _ in run.model.named_parameters()]
+    G, H = brute_grads(run, train, names), brute_grads(run, test, names)
+    etas = run.learning_rates
+    kw = dict(dtype=dtype, batch_size=6, **Q)
+    tol = TOL[dtype]
+    s = hessfree.self_influence(run, train, **kw)
+    assert s.meta["fallback_params"] == []
+    assert rel_err(s.values, sum(eta * (g * g).sum(1) for eta, g in zip(etas, G))) <= tol
+    p = hessfree.pairwise_influence(run, train, test, **kw)
+    assert rel_err(p.values, sum(eta * h @ g.T for eta, g, h in zip(etas, G, H))) <= tol
+    model_before = copy.deepcopy(run.model.state_dict())
+    assert "forward" not in vars(next(m for m in run.model.modules() if isinstance(m, nn.MultiheadAttention)))
+    assert all(torch.equal(v, run.model.state_dict()[k]) for k, v in model_before.items())
+
+
+def test_cross_attention_is_refused_with_the_way_out():
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x * 2, x * 2, need_weights=False)[0].mean(1))
+
+    torch.manual_seed(0)
+    run = perturbed_run(Cross(), k=1)
+    data = seq_data(6, 0)
+    with pytest.raises(NotImplementedError, match="self-attention"):
+        hessfree.self_influence(run, data, **Q)
+    rules.unregister_rule(nn.MultiheadAttention)
+    s = hessfree.self_influence(run, data, dtype=torch.float64, **Q)
+    assert "attn.in_proj_weight" in s.meta["fallback_params"]
+
+
+class SeqFirst(nn.Module):
+    """A Linear and a LayerNorm fed sequence-first (T, B, d) input, as batch_first=False code does."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 5)
+        self.ln = nn.LayerNorm(5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):  # (B, T, 4)
+        h = torch.tanh(self.ln(self.lin(x.transpose(0, 1))))  # (T, B, 5)
+        return self.head(h.mean(0))
+
+
+@pytest.mark.parametrize("T,n", [(7, 12), (6, 12), (6, 6)])
+def test_sequence_first_inputs_are_grouped_by_sample(T, n, caplog):
+    """Rows of a (T, B, d) input are regrouped by sample (hessfree used to read them as (B, T, d):
+    35% off, with per-sample gradients that still summed to the batch gradient). The layout is read
+    from the shape on the first (checked) batch and kept; when T equals the batch size there, the
+    shape cannot tell, and the single-sample check moves the layer to the exact fallback."""
+    torch.manual_seed(0)
+    run = perturbed_run(SeqFirst(), k=2)
+    g = torch.Generator().manual_seed(0)
+    train = TensorDataset(torch.randn(n, T, 4, generator=g), torch.randint(0, 3, (n,), generator=g))
+    names = [n for n, _ in run.model.named_parameters()]
+    G = brute_grads(run, train, names)
+    with caplog.at_level(logging.WARNING):
+        s = hessfree.self_influence(run, train, dtype=torch.float64, batch_size=6, **Q)
+    assert rel_err(s.values, sum(eta * (gk * gk).sum(1) for eta, gk in zip(run.learning_rates, G))) <= 1e-9
+    if T == n == 6:  # the first batch, 6 samples of length 6, is ambiguous
+        assert "lin.weight" in s.meta["fallback_params"] and "single samples" in caplog.text
+    else:
+        assert s.meta["fallback_params"] == []

@@ -123,7 +123,7 @@ class GradientEngine:
         self._wrapper = _TaskModule(model, task)
         self._hooks: list[Any] = []
         self._capturing = False
-        self._captures: dict[str, list[tuple[Tensor, Tensor, int]]] = defaultdict(list)
+        self._captures: dict[str, list[tuple[Tensor, Tensor, int, str | None]]] = defaultdict(list)
         self._clone_outputs = False
         self._checked = False
         self.exact_by_construction = False  # set on __enter__ (see rowwise_by_construction)
@@ -187,8 +187,16 @@ class GradientEngine:
         self._sparse = [m for m in self.model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
         for m in self._sparse:
             m.sparse = False
-        for mod_name, e in self.rules.items():
-            self._hooks.append(e["module"].register_forward_hook(self._make_hook(mod_name)))
+        self._patched: list[nn.Module] = []
+        for mod_name, e in list(self.rules.items()):
+            mod, rule = e["module"], e["rule"]
+            if not rule.patches:
+                self._hooks.append(mod.register_forward_hook(self._make_hook(mod_name)))
+            elif "forward" in vars(mod):  # the user's (or an adapter's) own instance forward: left alone
+                self._demote(mod_name, "it carries an instance forward of its own, which its rule would replace")
+            else:
+                mod.forward = rule.patch(mod, self._make_capture(mod_name))
+                self._patched.append(mod)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -196,6 +204,9 @@ class GradientEngine:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        for mod in getattr(self, "_patched", []):
+            del mod.forward
+        self._patched = []
         for slot, attr, original in self._originals:
             slot[attr] = original
         self._originals = []
@@ -208,12 +219,23 @@ class GradientEngine:
         def hook(module: nn.Module, inputs: tuple, output: Tensor):
             if not self._capturing or mod_name not in self.rules:
                 return None
-            self._captures[mod_name].append((inputs[0].detach(), output, output._version))
+            self._captures[mod_name].append((inputs[0].detach(), output, output._version, None))
             # An in-place op on the output (e.g. ReLU(inplace=True)) would move it in the graph, and
             # its gradient would no longer be the layer's. batch_grads sees that from the version
             # counter and switches to handing the rest of the model a clone instead.
             return output.clone() if self._clone_outputs else None
         return hook
+
+    def _make_capture(self, mod_name: str):
+        """For a rule that replaces a module's forward: ``capture(tag, x, out)`` keeps an inner
+        operation's input and output (as the hook does for a whole module) and returns the output
+        to use on."""
+        def capture(tag: str, x: Tensor, out: Tensor) -> Tensor:
+            if not self._capturing or mod_name not in self.rules:
+                return out
+            self._captures[mod_name].append((x.detach(), out, out._version, tag))
+            return out.clone() if self._clone_outputs else out
+        return capture
 
     def bind(self, state: dict[str, Tensor]) -> None:
         """Evaluate at these weights from now on (floating tensors cast to the engine's dtype)."""
@@ -344,7 +366,7 @@ class GradientEngine:
         finally:
             self._capturing = False
         if not self._clone_outputs and any(out._version != v for calls in self._captures.values()
-                                           for _, out, v in calls):
+                                           for _, out, v, _ in calls):
             self._clone_outputs = True
             return self.batch_grads(batch, ids, validate, check_loss)
         if validate:  # the labels are the same at every checkpoint: check them once
@@ -366,22 +388,33 @@ class GradientEngine:
             # torch.fx (and sympy, ~0.25 s) on the first call and check shapes in Python on every call
             total = losses.sum() if closed is None else (outputs * closed[1]).sum()
             full = self.dense_grad(total, retain_graph=True) if check else None
+            # and of single samples (the first and the last): a rule that groups a layer's rows into
+            # samples wrongly (a sequence-first input whose length equals the batch size) still sums
+            # to the batch gradient, but not to one sample's
+            rows = sorted({0, B - 1}) if check else []
+            singles = [self.dense_grad(losses[i] if closed is None else (outputs[i] * closed[1][i]).sum(),
+                                       retain_graph=True) for i in rows]
             order = [(m, i) for m in self.rules for i in range(len(self._captures.get(m, [])))]
             outs = [self._captures[m][i][1] for m, i in order]
             gouts = torch.autograd.grad(total, outs, allow_unused=True) if outs else []
-            per_module: dict[str, list[tuple[Tensor, Tensor]]] = defaultdict(list)
+            per_module: dict[str, list[tuple]] = defaultdict(list)
             for (m, i), go in zip(order, gouts):
-                x, out, _ = self._captures[m][i]
-                per_module[m].append((x, go if go is not None else torch.zeros_like(out)))
+                x, out, _, tag = self._captures[m][i]
+                go = go if go is not None else torch.zeros_like(out)
+                per_module[m].append((x, go) if tag is None else (x, go, tag))
             self._captures.clear()
             for m, e in list(self.rules.items()):
                 blocks.append(self._block(m, e, per_module.get(m, []), B))
             if check:
                 self._checked = True
-                bad = [m for m, b in zip(list(self.rules), blocks) if not _sums_to(b, full)]
+                bad = [m for m, b in zip(list(self.rules), blocks)
+                       if not _sums_to(b, full) or not all(_sums_to(b.select(slice(i, i + 1)), one)
+                                                           for i, one in zip(rows, singles))]
                 if bad:
                     for m in bad:
-                        self._demote(m, "its weights are used outside its own forward (or the sum check failed)")
+                        self._demote(m, "its per-sample gradients do not add up to the autograd gradient of the batch "
+                                        "or of single samples (its weights are used outside its own forward, or its "
+                                        "input is laid out so that its rows are not the batch's samples)")
                     return self.batch_grads(batch, ids, validate, check_loss)
         if self.fallback:
             blocks.append(self._vmap_block(inputs, targets, B))
@@ -391,7 +424,8 @@ class GradientEngine:
         w = e["names"].get("weight")
         state = self._state.get(w) if w else None
         shape = None if state is None else tuple(state.shape[1:] if w in self._stacked else state.shape)
-        return e["rule"].block(e["module"], calls, Selected(e["names"], B, shape, self.dtype, self.device))
+        return e["rule"].block(e["module"], calls, Selected(e["names"], B, shape, self.dtype, self.device,
+                                                            e.setdefault("memo", {})))
 
     def _vmap_block(self, inputs: Any, targets: Any, B: int) -> DenseBlock:
         # Only the fallback parameters are swapped per call; everything else is already bound.

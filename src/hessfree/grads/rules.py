@@ -12,6 +12,8 @@ dot products with a parameter-shaped vector:
   registered with :func:`register_rule` where that class exists): factorised
   :class:`~hessfree.grads.blocks.LinearBlock`.
 - ``nn.Embedding``: :class:`~hessfree.grads.blocks.EmbeddingBlock` (rows at the looked-up ids).
+- ``nn.MultiheadAttention`` as self-attention: its forward written out while the engine runs, the
+  packed input projection a Linear (:class:`MultiheadAttentionRule`), ``out_proj`` its own Linear.
 - ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm`` and ``nn.BatchNorm1d/2d/3d`` in eval mode
   with running statistics: ``y = x̂ ⊙ w + b`` per element, so a sample's gradient is
   ``Σ_positions g ⊙ x̂`` for the weight and ``Σ_positions g`` for the bias, with ``x̂`` the
@@ -26,8 +28,8 @@ or the layer goes to the fallback. A user adds a layer type with :func:`register
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +51,7 @@ class Selected:
     weight_shape: tuple[int, ...] | None
     dtype: torch.dtype
     device: torch.device
+    memo: dict = field(default_factory=dict)  # kept per module across batches (e.g. its batch dimension)
 
     @property
     def weight(self) -> str | None:
@@ -70,15 +73,46 @@ class LayerRule:
 
     params: tuple[str, ...] = ("weight", "bias")
     needs_weight: bool = False  # True: a block of the bias alone is not formed (e.g. Embedding has none)
+    patches: bool = False  # True: the rule replaces the module's forward while the engine runs (patch)
 
     def applies(self, module: nn.Module) -> bool:
         return True
+
+    def patch(self, module: nn.Module, capture: Callable[[str, Tensor, Tensor], Tensor]) -> Callable[..., Any]:
+        """For a rule whose parameters act inside the module's forward (not on its input): a forward
+        equal to the module's own that routes each inner linear operation through
+        ``capture(tag, input, output)`` (which returns the output to go on with); :meth:`block`
+        then gets (input, ∂Σl/∂output, tag) triples. Installed as an instance ``forward`` while
+        the engine runs."""
+        raise NotImplementedError
 
     def block(self, module: nn.Module, calls: Sequence[Call], sel: Selected) -> Block:
         raise NotImplementedError
 
 
 # ----------------------------------------------------------------------------- linear layers
+def batch_major(t: Tensor, B: int, memo: dict | None = None) -> Tensor:
+    """``t`` with its batch dimension first. The first time a module is seen (``memo`` empty: the
+    engine's checked first batch) the dimension is read from the shape: the first if it is B, else
+    the second if that is (a sequence-first (T, B, …) input, as ``batch_first=False`` layers take),
+    and remembered in ``memo`` for every later batch, whose length may equal its batch size (a later
+    call whose shape rules the remembered layout out takes the other one). When T equals B on that
+    first batch the shape cannot tell; the engine's check of single samples then finds a wrong
+    guess and moves the layer to the fallback."""
+    dim = memo.get("batch_dim") if memo is not None else None
+    if dim is None:
+        dim = 1 if t.dim() >= 2 and t.shape[0] != B and t.shape[1] == B else 0
+        if memo is not None:
+            memo["batch_dim"] = dim
+    elif t.dim() <= dim or t.shape[dim] != B:  # a layout this call's shape rules out: the other one, if it fits
+        other = 1 - dim
+        if t.dim() <= other or t.shape[other] != B:
+            raise ValueError(f"cannot find the batch dimension ({B} samples) of a layer input of shape "
+                             f"{tuple(t.shape)}")
+        dim = other
+    return t if dim == 0 else t.transpose(0, 1)
+
+
 def _linear_block(a_parts: list[Tensor], g_parts: list[Tensor], d_in: int, d_out: int, sel: Selected,
                   transposed: bool = False) -> LinearBlock:
     if not a_parts:
@@ -96,8 +130,9 @@ class LinearRule(LayerRule):
 
     def block(self, module, calls, sel):
         d_in, d_out = module.in_features, module.out_features
-        return _linear_block([x.reshape(sel.B, -1, d_in) for x, _ in calls],
-                             [go.reshape(sel.B, -1, d_out) for _, go in calls], d_in, d_out, sel)
+        a = [batch_major(x, sel.B, sel.memo).reshape(sel.B, -1, d_in) for x, _ in calls]
+        g = [batch_major(go, sel.B, sel.memo).reshape(sel.B, -1, d_out) for _, go in calls]
+        return _linear_block(a, g, d_in, d_out, sel)
 
 
 class TransposedLinearRule(LayerRule):
@@ -106,8 +141,9 @@ class TransposedLinearRule(LayerRule):
 
     def block(self, module, calls, sel):
         d_in, d_out = module.weight.shape[-2], module.weight.shape[-1]
-        return _linear_block([x.reshape(sel.B, -1, d_in) for x, _ in calls],
-                             [go.reshape(sel.B, -1, d_out) for _, go in calls], d_in, d_out, sel, transposed=True)
+        a = [batch_major(x, sel.B, sel.memo).reshape(sel.B, -1, d_in) for x, _ in calls]
+        g = [batch_major(go, sel.B, sel.memo).reshape(sel.B, -1, d_out) for _, go in calls]
+        return _linear_block(a, g, d_in, d_out, sel, transposed=True)
 
 
 class ConvRule(LayerRule):
@@ -149,8 +185,8 @@ class EmbeddingRule(LayerRule):
             return EmbeddingBlock(torch.zeros(sel.B, 1, dtype=torch.long, device=sel.device),
                                   torch.zeros(sel.B, 1, D, dtype=sel.dtype, device=sel.device), sel.weight,
                                   module.num_embeddings)
-        ids = torch.cat([x.reshape(sel.B, -1) for x, _ in calls], 1)
-        g = torch.cat([go.reshape(sel.B, -1, D) for _, go in calls], 1)
+        ids = torch.cat([batch_major(x, sel.B, sel.memo).reshape(sel.B, -1) for x, _ in calls], 1)
+        g = torch.cat([batch_major(go, sel.B, sel.memo).reshape(sel.B, -1, D) for _, go in calls], 1)
         if module.padding_idx is not None:
             g = g * (ids != module.padding_idx).unsqueeze(-1).to(g.dtype)
         return EmbeddingBlock(ids, g, sel.weight, module.num_embeddings)
@@ -164,7 +200,7 @@ class _AffineRule(LayerRule):
     def normalised(self, module: nn.Module, x: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def layout(self, module: nn.Module, t: Tensor, B: int) -> Tensor:
+    def layout(self, module: nn.Module, t: Tensor, B: int, memo: dict | None = None) -> Tensor:
         """``t`` (shaped like the output) as (B, positions, numel of the weight)."""
         raise NotImplementedError
 
@@ -172,9 +208,9 @@ class _AffineRule(LayerRule):
         numel = (module.weight if module.weight is not None else module.bias).numel()
         gw = gb = None
         for x, go in calls:
-            g = self.layout(module, go, sel.B)
+            g = self.layout(module, go, sel.B, sel.memo)
             if sel.weight is not None:
-                part = (g * self.layout(module, self.normalised(module, x).to(g.dtype), sel.B)).sum(1)
+                part = (g * self.layout(module, self.normalised(module, x).to(g.dtype), sel.B, sel.memo)).sum(1)
                 gw = part if gw is None else gw + part
             if sel.bias is not None:
                 part = g.sum(1)
@@ -194,8 +230,8 @@ class LayerNormRule(_AffineRule):
     def normalised(self, module, x):
         return F.layer_norm(x, module.normalized_shape, eps=module.eps)
 
-    def layout(self, module, t, B):
-        return t.reshape(B, -1, int(torch.tensor(module.normalized_shape).prod()))
+    def layout(self, module, t, B, memo=None):
+        return batch_major(t, B, memo).reshape(B, -1, int(torch.tensor(module.normalized_shape).prod()))
 
 
 class RMSNormRule(LayerNormRule):
@@ -206,7 +242,7 @@ class RMSNormRule(LayerNormRule):
 class _ChannelRule(_AffineRule):
     """Affine parameters per channel (dimension 1 of the input): GroupNorm, BatchNorm."""
 
-    def layout(self, module, t, B):
+    def layout(self, module, t, B, memo=None):
         C = t.shape[1]
         return t.reshape(B, C, -1).transpose(1, 2)
 
@@ -230,6 +266,76 @@ class BatchNormRule(_ChannelRule):
         return F.batch_norm(x, module.running_mean, module.running_var, training=False, eps=module.eps)
 
 
+# ----------------------------------------------------------------------------- attention
+class MultiheadAttentionRule(LayerRule):
+    """``nn.MultiheadAttention`` used as self-attention (query, key and value one tensor), with one
+    packed input projection and no ``bias_k`` / ``bias_v`` / ``add_zero_attn``.
+
+    While the engine runs, the module's forward is replaced by the same computation written out:
+    the packed projection ``qkv = x W_inᵀ + b_in`` as a Linear whose input and output gradient are
+    captured (a :class:`~hessfree.grads.blocks.LinearBlock` for ``in_proj_weight`` /
+    ``in_proj_bias``), scaled dot-product attention with the module's masks, then
+    ``self.out_proj(…)`` called as a module, so that ``out_proj`` gets the Linear rule. Any other
+    call (cross-attention, unbatched input) runs the module's own forward and raises, since its
+    in-projection would then go uncaptured; such a model is scored with ``params`` leaving the
+    attention's in-projection out, or through the fallback by unregistering this rule.
+    """
+
+    params = ("in_proj_weight", "in_proj_bias")
+    patches = True
+
+    def applies(self, module):
+        return (module._qkv_same_embed_dim and module.in_proj_weight is not None and module.bias_k is None
+                and module.bias_v is None and not module.add_zero_attn)
+
+    def patch(self, module, capture):
+        H, E = module.num_heads, module.embed_dim
+        hd = E // H
+
+        def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                    average_attn_weights=True, is_causal=False):
+            if not (query is key and key is value) or query.dim() != 3:
+                raise NotImplementedError(
+                    "hessfree's rule for nn.MultiheadAttention covers batched self-attention (query, key and value "
+                    "one tensor); this call is cross-attention or unbatched. Leave in_proj_weight / in_proj_bias "
+                    "out of params=, or hessfree.grads.rules.unregister_rule(nn.MultiheadAttention) for the exact "
+                    "vmap fallback")
+            x = query if module.batch_first else query.transpose(0, 1)  # (B, T, E)
+            B, T, _ = x.shape
+            qkv = capture("in_proj", x, F.linear(x, module.in_proj_weight, module.in_proj_bias))
+            q, k, v = qkv.view(B, T, 3, H, hd).permute(2, 0, 3, 1, 4)  # each (B, H, T, hd)
+            mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+                                     target_type=q.dtype, check_other=False)
+            if mask is not None:
+                mask = mask.view(1, 1, T, T) if mask.dim() == 2 else mask.view(B, H, T, T)
+            kpm = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
+                                    other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
+                                    target_type=q.dtype)
+            if kpm is not None:
+                kpm = kpm.view(B, 1, 1, T)
+                mask = kpm if mask is None else mask + kpm
+            scores = torch.matmul(q * hd ** -0.5, k.transpose(-2, -1))
+            if mask is not None:
+                scores = scores + mask
+            w = torch.softmax(scores, dim=-1)
+            o = torch.matmul(w, v).transpose(1, 2).reshape(B, T, E)
+            out = module.out_proj(o)
+            if not module.batch_first:
+                out = out.transpose(0, 1)
+            weights = (w.mean(1) if average_attn_weights else w) if need_weights else None
+            return out, weights
+
+        return forward
+
+    def block(self, module, calls, sel):
+        E = module.embed_dim
+        a = [x.reshape(sel.B, -1, E) for x, _, tag in calls if tag == "in_proj"]
+        g = [go.reshape(sel.B, -1, 3 * E) for _, go, tag in calls if tag == "in_proj"]
+        names = Selected({"weight": sel.names.get("in_proj_weight"), "bias": sel.names.get("in_proj_bias")},
+                         sel.B, (3 * E, E), sel.dtype, sel.device)
+        return _linear_block(a, g, E, 3 * E, names)
+
+
 # ----------------------------------------------------------------------------- the registry
 _RULES: dict[type, LayerRule] = {
     nn.Linear: LinearRule(),
@@ -243,6 +349,7 @@ _RULES: dict[type, LayerRule] = {
     nn.BatchNorm1d: BatchNormRule(),
     nn.BatchNorm2d: BatchNormRule(),
     nn.BatchNorm3d: BatchNormRule(),
+    nn.MultiheadAttention: MultiheadAttentionRule(),
 }
 
 
@@ -256,6 +363,11 @@ def register_rule(module_type: type, rule: LayerRule) -> None:
     if not isinstance(rule, LayerRule):
         raise TypeError(f"rule must be a hessfree.grads.rules.LayerRule, got {type(rule).__name__}")
     _RULES[module_type] = rule
+
+
+def unregister_rule(module_type: type) -> None:
+    """Remove the rule of ``module_type``: its parameters then go through the vmap fallback."""
+    _RULES.pop(module_type, None)
 
 
 def rule_for(module: nn.Module) -> LayerRule | None:
