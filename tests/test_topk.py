@@ -12,7 +12,7 @@ from torch.utils.data import Subset, TensorDataset
 import hessfree
 from hessfree.errors import InputError
 from hessfree.methods import common, tracin
-from hessfree.topk import TopInfluence, TopKAccumulator
+from hessfree.topk import TopInfluence, TopKAccumulator, top_columns
 from helpers import SmallCNN, mlp, tabular, images, trained_run
 
 Q = dict(progress=False, dtype=torch.float64)
@@ -133,6 +133,14 @@ def test_accumulator_against_a_stable_sort():
             np.testing.assert_array_equal(hp, np.argsort(-vals, axis=1, kind="stable")[:, :k])
             np.testing.assert_array_equal(lp, np.argsort(vals, axis=1, kind="stable")[:, :k])
             np.testing.assert_array_equal(hv, np.take_along_axis(vals, hp, 1))
+    # top_columns alone, columns not in position order
+    perm = np.stack([g.permutation(N) for _ in range(M)])
+    shuffled = np.take_along_axis(vals, perm, 1)
+    for k in (1, 5, N):
+        for largest in (True, False):
+            cols = top_columns(torch.from_numpy(shuffled), torch.from_numpy(perm), k, largest).numpy()
+            want = np.argsort(-vals if largest else vals, axis=1, kind="stable")[:, :k]
+            np.testing.assert_array_equal(np.take_along_axis(perm, cols, 1), want)
     acc = TopKAccumulator(2, 3)
     acc.add(slice(0, 2), torch.arange(2), torch.zeros(2, 2, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="fewer than k"):

@@ -126,11 +126,13 @@ class TopKAccumulator:
     """Running top-k per row over blocks of columns that arrive in increasing column position.
 
     Keeps (M, k) values and positions for the largest (helpful) and the smallest (harmful)
-    entries of each row: memory O(M × k), plus O(rows × (k + block columns)) per merge. Each merge
-    sorts [current k, new block] with a stable sort, so that among equal values the entry seen
-    first, i.e. the lower position, comes first (``torch.topk`` leaves the order of ties open).
-    Unfilled slots hold ∓inf at position ``-1``; they sort behind every finite value and are gone
-    once k columns have been merged.
+    entries of each row: memory O(M × k), plus O(rows × (k + block columns)) per merge. Order:
+    by value, ties by the lower position (``torch.topk`` alone leaves the order of ties open, so
+    each merge takes the k-th value with ``torch.topk``, keeps every entry beyond it and, of the
+    entries equal to it, those of the lowest positions, then sorts the k kept stably by value:
+    the kept entries, in that order, precede the block, whose positions are higher and ascending).
+    Rows where no new entry beats the k-th kept value are left alone. Unfilled slots hold ∓inf at
+    distinct negative positions; they are gone once k columns have been merged.
     """
 
     def __init__(self, n_rows: int, k: int, device: Any = None):
@@ -140,20 +142,29 @@ class TopKAccumulator:
         kw = dict(dtype=torch.float64, device=device)
         self.top_v = torch.full((n_rows, k), -torch.inf, **kw)
         self.low_v = torch.full((n_rows, k), torch.inf, **kw)
-        self.top_p = torch.full((n_rows, k), -1, dtype=torch.int64, device=device)
-        self.low_p = torch.full((n_rows, k), -1, dtype=torch.int64, device=device)
+        empty = torch.arange(-k, 0, device=device).expand(n_rows, k)  # distinct: ties among them stay k
+        self.top_p, self.low_p = empty.clone(), empty.clone()
 
     def add(self, rows: slice | Tensor, positions: Tensor, block: Tensor) -> None:
         """Merge ``block`` (R, B), float64, the values of ``rows`` (a slice or (R,) index) at the
-        column ``positions`` (B,), which must all exceed the positions merged before into these rows."""
-        pos = positions.to(self.top_p.device, torch.int64).expand(block.shape[0], -1)
-        block = block.to(self.top_v.device, torch.float64)
-        for vals, poss, descending in ((self.top_v, self.top_p, True), (self.low_v, self.low_p, False)):
-            cand_v = torch.cat([vals[rows], block], 1)
-            cand_p = torch.cat([poss[rows], pos], 1)
-            order = torch.sort(cand_v, dim=1, descending=descending, stable=True).indices[:, :self.k]
-            vals[rows] = cand_v.gather(1, order)
-            poss[rows] = cand_p.gather(1, order)
+        column ``positions`` (B,), which must all exceed the positions merged before into these
+        rows (so that a block entry equal to the k-th kept value ranks after it)."""
+        device = self.top_v.device
+        block = block.to(device, torch.float64)
+        rows = torch.arange(self.top_v.shape[0], device=device)[rows] if isinstance(rows, slice) else rows.to(device)
+        pos = positions.to(device, torch.int64)
+        for vals, poss, largest in ((self.top_v, self.top_p, True), (self.low_v, self.low_p, False)):
+            kth = vals[rows, -1:]  # the k-th kept value of each row (∓inf while fewer than k were seen)
+            # only rows where some new entry beats it change (equal entries come later: they lose)
+            beats = ((block > kth) if largest else (block < kth)).any(1)
+            if not bool(beats.any()):
+                continue
+            active, sub = (rows, block) if bool(beats.all()) else (rows[beats], block[beats])
+            cand_v = torch.cat([vals[active], sub], 1)
+            cand_p = torch.cat([poss[active], pos.expand(len(active), -1)], 1)
+            cols = top_columns(cand_v, cand_p, self.k, largest, ordered=True)  # the kept ones, then the block
+            vals[active] = cand_v.gather(1, cols)
+            poss[active] = cand_p.gather(1, cols)
 
     def positions(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(helpful positions, helpful values, harmful positions, harmful values), each (M, k)."""
@@ -161,3 +172,34 @@ class TopKAccumulator:
             raise RuntimeError("internal error: fewer than k columns were merged into a row")
         return (self.top_p.cpu().numpy(), self.top_v.cpu().numpy(), self.low_p.cpu().numpy(),
                 self.low_v.cpu().numpy())
+
+
+def top_columns(values: Tensor, positions: Tensor, k: int, largest: bool = True, ordered: bool = False) -> Tensor:
+    """(R, k) column indices of the k largest (``largest``) or smallest entries of each row of
+    ``values`` (R, n), ordered by value, ties by the lower ``positions`` (R, n; distinct within a
+    row) first: the order of ``np.argsort(∓values, kind="stable")`` over columns in position order.
+    ``ordered``: the caller guarantees that entries of equal value already stand in position
+    order along each row (as in :meth:`TopKAccumulator.add`), which saves a sort.
+
+    O(n) per row (``torch.topk``, and one more over the rows with several entries equal to the
+    k-th value) plus sorting the k chosen, instead of sorting all n.
+    """
+    v = values if largest else -values  # exact; -0.0 and 0.0 compare equal either way
+    if k >= v.shape[1]:
+        chosen = torch.arange(v.shape[1], device=v.device).expand_as(v)
+    else:
+        kth = torch.topk(v, k, dim=1, sorted=False).values.amin(1, keepdim=True)  # the k-th largest value
+        keep = v >= kth  # k entries per row, or more where several equal the k-th value
+        extra = keep.sum(1) > k
+        if bool(extra.any()):  # of the entries equal to the k-th value, keep those of the lowest positions
+            r = extra.nonzero()[:, 0]
+            tied = v[r] == kth[r]
+            need = k - (v[r] > kth[r]).sum(1, keepdim=True)  # at least 1
+            tied_pos = torch.where(tied, positions[r], torch.iinfo(torch.int64).max)
+            cut = torch.topk(tied_pos, k, dim=1, largest=False, sorted=True).values.gather(1, need - 1)
+            keep[r] = (v[r] > kth[r]) | (tied & (positions[r] <= cut))
+        chosen = keep.nonzero()[:, 1].view(v.shape[0], k)  # exactly k per row
+    if not ordered:
+        chosen = chosen.gather(1, positions.gather(1, chosen).argsort(dim=1))  # distinct positions: no ties
+    by_value = v.gather(1, chosen).argsort(dim=1, descending=True, stable=True)  # ties keep position order
+    return chosen.gather(1, by_value)
