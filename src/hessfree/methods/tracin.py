@@ -255,7 +255,7 @@ def _add_blocks(out: torch.Tensor, tests: list, tr: BatchGrads, w: torch.Tensor,
             out[ri[:, None], ci[None, :]] += block
 
 
-_TOPK_MERGE_BYTES = 32 << 20  # candidates sorted at once by one merge
+_TOPK_MERGE_BYTES = 8 << 20  # float64 candidates of one merge (a slab of rows × (k + window))
 
 
 def _merge_window(acc: TopKAccumulator, partial: torch.Tensor, start: int, k: int) -> None:
