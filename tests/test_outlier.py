@@ -529,7 +529,8 @@ def test_closed_form_through_a_sequential_body_and_through_the_hook(monkeypatch,
             from hessfree.methods import outlier
             captured = {}
             monkeypatch.setattr(outlier, "_detect", lambda name, d, values, *a: captured.setdefault("v", values)[:, 0])
-            hessfree.outlier_scores(run, data, detector="iforest", params="last_layer", gradient_path="closed_form",
+            # a detector object gets the features in the dtype asked (iforest gets float32: feature_dtype)
+            hessfree.outlier_scores(run, data, detector=Recorder(), params="last_layer", gradient_path="closed_form",
                                     dtype=torch.float64, batch_size=10, **Q)
             got = captured["v"]
         else:

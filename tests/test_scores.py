@@ -212,7 +212,7 @@ def test_load_refuses_files_that_are_not_scores(tmp_path):
              meta_json=np.frombuffer(b"{not json", dtype=np.uint8))
     for name, pattern in [("text.npz", "cannot be read"), ("other.npz", "no values, sample_ids, meta_json"),
                           ("objects.npz", "cannot be read"), ("badjson.npz", "not valid JSON"),
-                          ("missing.npz", "no scores file")]:
+                          ("missing.npz", "no hessfree scores file")]:
         with pytest.raises(InputError, match=pattern):
             Scores.load(tmp_path / name)
 

@@ -26,6 +26,7 @@ from hessfree.methods.outlier import outlier_scores
 from hessfree.methods.tracin import influence, pairwise_influence, self_influence
 from hessfree.run import Run, fit
 from hessfree.scores import Scores
+from hessfree.topk import TopInfluence
 from hessfree.tasks import BCEWithLogits, CrossEntropy, Task
 from hessfree import oracle  # noqa: E402  (after the methods it wraps)
 
@@ -35,7 +36,7 @@ __all__ = [
     "fit", "Run", "Task", "CrossEntropy", "BCEWithLogits", "Scores", "targets", "baselines", "data", "metrics",
     "self_influence", "influence", "pairwise_influence", "ensemble", "outlier_scores", "dit", "dit_epochs", "queries", "oracle",
     "influence_patterns", "Patterns", "trim_and_retrain", "evaluate_model",
-    "TrimResult",
+    "TrimResult", "TopInfluence",
     "HessfreeError", "InputError", "CheckpointMismatchError", "ParameterSelectionError", "LabelError",
     "NonFiniteError", "RunDirectoryError",
 ]

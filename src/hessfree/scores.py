@@ -119,55 +119,70 @@ class Scores:
         InputError naming its key, before anything is written. A save that fails or is killed
         leaves the previous file at ``path`` as it was.
         """
-        path = Path(path)
-        if path.suffix != ".npz":
-            path = path.with_name(path.name + ".npz")
-        if self.values.dtype.kind not in "biuf":
-            raise InputError(f"Scores.save stores numeric values only; these are of dtype {self.values.dtype}")
-        meta_json = json.dumps(_storable(self.meta, "meta"), allow_nan=True)
-        arrays = {"values": self.values, "sample_ids": self.sample_ids,
-                  "meta_json": np.frombuffer(meta_json.encode(), dtype=np.uint8)}
+        arrays = {"values": self.values, "sample_ids": self.sample_ids}
         if self.test_ids is not None:
             arrays["test_ids"] = self.test_ids
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **arrays)
-        return path
+        return save_npz(path, arrays, self.meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Scores":
         """Read a file written by :meth:`save`; anything else raises InputError saying what is wrong."""
-        path = Path(path)
-        if not path.exists() and path.suffix != ".npz":
-            path = path.with_name(path.name + ".npz")  # the name save() was given
-        if not path.is_file():
-            raise InputError(f"no scores file at {path}")
-        try:
-            z = np.load(path, allow_pickle=False)
-            if not isinstance(z, np.lib.npyio.NpzFile):
-                raise ValueError(f"it holds one {type(z).__name__}, not the arrays of an .npz")
-            with z:
-                missing = [k for k in ("values", "sample_ids", "meta_json") if k not in z.files]
-                if missing:
-                    raise InputError(f"{path} is not a hessfree scores file: it has no {', '.join(missing)}")
-                try:
-                    meta = json.loads(z["meta_json"].tobytes().decode())
-                except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                    raise InputError(f"{path}: its metadata (meta_json) is not valid JSON ({exc}); was it written by "
-                                     "Scores.save and copied whole?") from exc
-                test_ids = z["test_ids"] if "test_ids" in z.files else None
-                values, ids = z["values"], z["sample_ids"]
-        except InputError:
-            raise
-        except (OSError, ValueError, EOFError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
-            # ValueError covers a pickled (object) array, which is never loaded, and bad JSON
-            raise InputError(f"{path} cannot be read as a hessfree scores file ({type(exc).__name__}: {exc}); was it "
-                             "written by Scores.save and copied whole?") from exc
-        if not isinstance(meta, dict):
-            raise InputError(f"{path}: its metadata is not a JSON object")
-        if values.dtype.kind not in "biuf":
-            raise InputError(f"{path}: its values are of dtype {values.dtype}, not numbers")
-        return cls(values, ids, meta, test_ids)
+        arrays, meta, path = load_npz(path, ("values", "sample_ids"), "hessfree scores file")
+        return cls(arrays["values"], arrays["sample_ids"], meta, arrays.get("test_ids"))
+
+
+def save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
+    """Numeric arrays and JSON metadata (:func:`_storable`) to ``path`` (``.npz`` added if missing),
+    atomically, without pickle. Refuses non-numeric arrays and unfaithful metadata before writing."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        path = path.with_name(path.name + ".npz")
+    for name, a in arrays.items():
+        if np.asarray(a).dtype.kind not in "biuf":
+            raise InputError(f"cannot save {name}: it holds {np.asarray(a).dtype} values, not numbers")
+    meta_json = json.dumps(_storable(meta, "meta"), allow_nan=True)
+    arrays = {**arrays, "meta_json": np.frombuffer(meta_json.encode(), dtype=np.uint8)}
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+    return path
+
+
+def load_npz(path: str | os.PathLike, required: tuple[str, ...], what: str
+             ) -> tuple[dict[str, np.ndarray], dict[str, Any], Path]:
+    """(arrays, meta, the path read) of a file written by :func:`save_npz`, the ``required`` arrays
+    present and numeric; anything else raises InputError naming ``what`` was expected."""
+    path = Path(path)
+    if not path.exists() and path.suffix != ".npz":
+        path = path.with_name(path.name + ".npz")  # the name save() was given
+    if not path.is_file():
+        raise InputError(f"no {what} at {path}")
+    try:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError(f"it holds one {type(z).__name__}, not the arrays of an .npz")
+        with z:
+            missing = [k for k in (*required, "meta_json") if k not in z.files]
+            if missing:
+                raise InputError(f"{path} is not a {what}: it has no {', '.join(missing)}")
+            try:
+                meta = json.loads(z["meta_json"].tobytes().decode())
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise InputError(f"{path}: its metadata (meta_json) is not valid JSON ({exc}); was it written by "
+                                 "hessfree and copied whole?") from exc
+            arrays = {k: z[k] for k in z.files if k != "meta_json"}
+    except InputError:
+        raise
+    except (OSError, ValueError, EOFError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
+        # ValueError covers a pickled (object) array, which is never loaded
+        raise InputError(f"{path} cannot be read as a {what} ({type(exc).__name__}: {exc}); was it written by "
+                         "hessfree and copied whole?") from exc
+    if not isinstance(meta, dict):
+        raise InputError(f"{path}: its metadata is not a JSON object")
+    for k in required:
+        if arrays[k].dtype.kind not in "biuf":
+            raise InputError(f"{path}: its {k} are of dtype {arrays[k].dtype}, not numbers")
+    return arrays, meta, path
 
 
 def _storable(obj: Any, where: str) -> Any:

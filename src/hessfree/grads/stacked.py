@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hessfree.datasets import map_tensors
+from hessfree.errors import HessfreeError
 
 
 class NotStackable(Exception):
@@ -47,7 +48,7 @@ def stacking_failures(active: bool, group: int = 1) -> Iterator[None]:
         return
     try:
         yield
-    except NotStackable:
+    except (NotStackable, HessfreeError):
         raise
     except torch.OutOfMemoryError as exc:
         raise NotStackable(f"{type(exc).__name__}: {exc}") from exc

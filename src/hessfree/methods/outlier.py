@@ -40,7 +40,10 @@ log = logging.getLogger(__name__)
 
 DETECTORS = ("iforest", "l1", "l2", "ocsvm", "lof")
 GRADIENT_PATHS = ("auto", "closed_form", "engine", "vmap")
-_FEATURE_WARN_BYTES = 2 << 30
+_FEATURE_WARN_BYTES = 2 << 30  # warn when the feature array(s) and the detector's own needs exceed this
+# Beyond the features: a detector's per-sample vectors (labels, weights, depths, scores) and the batches' temporaries;
+# an upper estimate (70–124 B per sample measured for the iforest at N = 50k–200k, benchmarks/oga_memory.py).
+_PER_SAMPLE_BYTES = 128
 
 
 def outlier_scores(run_or_model: Run | nn.Module, train_dataset: Dataset, *, detector: Any = "iforest",
@@ -79,6 +82,14 @@ def outlier_scores(run_or_model: Run | nn.Module, train_dataset: Dataset, *, det
             or an ``nn.Sequential`` holding only it) on a ``TensorDataset`` takes its closed-form
             L1 / L2 many batches per pass (about 64 MB of inputs at most): it keeps nothing per
             sample but the logits.
+
+    Memory: a detector on features (``iforest``, ``ocsvm``, ``lof``, your own object) gets one
+    (N, width) array, plus one for ``reference``, written batch by batch where it was allocated
+    and handed over without a copy, in the dtype the detector works in
+    (:func:`feature_dtype`: float32 for ``iforest``, float64 for ``ocsvm``, else ``dtype``). A
+    warning is logged before it is allocated when that and the detector's estimated needs
+    (:func:`memory_estimate`) exceed 2 GiB. ``l1`` / ``l2`` keep N norms (with ``projection``,
+    each batch's projected gradients are reduced to their norms at once).
     """
     t0 = time.perf_counter()
     name, det = _check_detector(detector, reference, detector_options)
@@ -102,6 +113,7 @@ def outlier_scores(run_or_model: Run | nn.Module, train_dataset: Dataset, *, det
         n_fit = dataset_size(reference) if reference is not None else n
         _sklearn_detector(name, detector_options or {}, int(random_state), n_fit, novelty=reference is not None)
     want = name if name in ("l1", "l2") and projection is None else "features"
+    reduce = name if name in ("l1", "l2") and projection is not None else None  # norms of projected gradients
 
     scorer = Scorer(run, train_dataset, params=params, checkpoints="last", batch_size=batch_size, dtype=dtype,
                     device=device, progress=progress, method="outlier_gradient", ghost=gradient_path != "vmap")
@@ -117,13 +129,18 @@ def outlier_scores(run_or_model: Run | nn.Module, train_dataset: Dataset, *, det
         proj = (SparseProjection(n_features, int(projection), seed=int(random_state), device=sc.engine.device,
                                  dtype=dtype) if projection is not None else None)
         width = proj.n_components if proj is not None else n_features
-        if want == "features" and n * width * dtype.itemsize > _FEATURE_WARN_BYTES:
-            log.warning("holding %d × %d gradient features (%.1f GB); pass projection= to reduce them", n, width,
-                        n * width * dtype.itemsize / 2**30)
-        ref_n = dataset_size(reference) if reference is not None and want == "features" else 0
+        ref_n = dataset_size(reference) if reference is not None and want == "features" and reduce is None else 0
+        store = feature_dtype(name, dtype) if want == "features" and reduce is None else None
+        if store is not None:  # before any gradient work, and so before the arrays are allocated
+            est = memory_estimate(name, n, ref_n, width, store, detector_options or {})
+            if est > _FEATURE_WARN_BYTES:
+                log.warning("outlier_scores will hold %d × %d gradient features as %s (%.2f GiB; about %.2f GiB in "
+                            "all with what detector %r needs); pass projection= to reduce them", n + ref_n, width,
+                            store.name, (n + ref_n) * width * store.itemsize / 2**30, est / 2**30, name)
         for _ in sc.checkpoints(extra_batches_per_checkpoint=-(-ref_n // batch_size)):
             ref_checked = check_labels(sc.engine, reference) if ref_n else False  # before any gradient work
-            collector = _Collector(sc, head, proj, want, strict=gradient_path == "closed_form")
+            collector = _Collector(sc, head, proj, want, strict=gradient_path == "closed_form", store=store,
+                                   width=width, reduce=reduce)
             values = collector.run(train_dataset, sc.ids, sc.labels_checked)
             ref_values = collector.run(reference, sample_ids(reference), ref_checked) if ref_n else None
         grad_s = time.perf_counter() - t0
@@ -144,20 +161,76 @@ _NO_CLOSED_FORM = ("gradient_path='closed_form' needs the selected parameters to
                    "global module hooks registered; use gradient_path='auto' to fall back to the gradient engine")
 
 
-class _Collector:
-    """Per-sample gradient features (N, width) or closed-form / engine norms (N,) of one dataset."""
+def feature_dtype(name: str, dtype: torch.dtype) -> np.dtype:
+    """The NumPy dtype the gradient features of detector ``name`` are stored in: the one the
+    detector works in, so that it takes the array without a copy.
 
-    def __init__(self, sc: Scorer, head: HeadCapture | None, proj: SparseProjection | None, want: str, strict: bool):
+    scikit-learn's IsolationForest converts its input to float32 (``fit`` and ``score_samples``
+    validate with ``dtype=np.float32``, its trees split and apply in float32) and OneClassSVM to
+    float64 (libsvm; ``dtype=np.float64, order="C"``); converting each batch on the way in is the
+    same rounding, so the scores are those of the conversion scikit-learn would make, without its
+    second N × P array. LocalOutlierFactor and a detector object of your own get the ``dtype`` the
+    gradients are computed in (bfloat16, which NumPy lacks, as float32: exact).
+    """
+    if name == "iforest":
+        return np.dtype(np.float32)
+    if name == "ocsvm":
+        return np.dtype(np.float64)
+    return np.dtype({torch.float64: np.float64, torch.float16: np.float16}.get(dtype, np.float32))
+
+
+def memory_estimate(name: str, n: int, n_ref: int, width: int, store: np.dtype, opts: dict) -> int:
+    """Bytes held while a features detector runs: the (n + n_ref) × width feature array(s) in
+    ``store`` dtype, allocated once and handed to the detector as they are, plus the detector's own
+    needs (estimated; for a detector object of yours, what it allocates is not counted)."""
+    held = (n + n_ref) * (width * store.itemsize + _PER_SAMPLE_BYTES)
+    if name == "ocsvm":  # libsvm's kernel cache
+        held += int(float(opts.get("cache_size", 200)) * 2**20)
+    elif name == "lof":  # neighbour distances and indices, and distance blocks of at most working_memory
+        from sklearn import get_config
+
+        k = int(opts.get("n_neighbors", 20)) + 1
+        held += (n + n_ref) * k * 16 + min(int(get_config()["working_memory"]) * 2**20, n * (n_ref or n) * 8)
+    return held
+
+
+class _Collector:
+    """Per-sample gradient features (N, width) or closed-form / engine norms (N,) of one dataset,
+    written batch by batch into one array allocated up front: ``width`` features in ``store``
+    dtype (see :func:`feature_dtype`) when ``store`` is given, else norms in float64.
+    ``reduce``: ``"l1"`` / ``"l2"`` turns each batch of (projected) features into its norms at
+    once, so that no features array is kept at all."""
+
+    def __init__(self, sc: Scorer, head: HeadCapture | None, proj: SparseProjection | None, want: str, strict: bool,
+                 store: np.dtype | None = None, width: int = 0, reduce: str | None = None):
         self.sc, self.head, self.proj, self.want, self.strict = sc, head, proj, want, strict
+        self.store, self.width, self.reduce = store, width, reduce
 
     @property
     def path(self) -> str:
         """The gradient path in use (the closed form is dropped for the engine when it does not apply)."""
         return "closed_form" if self.head is not None else ("factorised" if self.sc.engine.rules else "vmap")
 
-    def run(self, dataset: Dataset, ids: np.ndarray, labels_checked: bool) -> Tensor:
+    def run(self, dataset: Dataset, ids: np.ndarray, labels_checked: bool) -> np.ndarray:
         sc, names = self.sc, self.sc.names
-        parts = []
+        n = dataset_size(dataset)
+        if self.store is not None:
+            out = np.empty((n, self.width), dtype=self.store)  # the one N × width array, C-contiguous
+        else:
+            out = np.empty(n, dtype=np.float64)
+        sink = torch.from_numpy(out)  # shares out's memory: each batch is written in place
+        filled = 0
+
+        def put(v: Tensor, i: Any) -> None:
+            nonlocal filled
+            self._checked(v, i)
+            if self.reduce is not None:  # row by row the same float64 arithmetic as on the whole matrix
+                v = v.cpu().float() if v.dtype == torch.bfloat16 else v.cpu()  # NumPy has no bfloat16; exact
+                x = v.numpy().astype(np.float64, order="C")  # C order, as the whole matrix was: the same sums
+                v = torch.from_numpy(np.linalg.norm(x, axis=1) if self.reduce == "l2" else np.abs(x).sum(1))
+            sink[filled:filled + len(v)].copy_(v)  # the dtype conversion, and the device-to-host copy
+            filled += len(v)
+
         norms = HeadNorms(self.head, self.want) if self.head is not None and self.want in ("l1", "l2") else None
         with self.head if self.head is not None else nullcontext():
             step = norms.rows_per_step(dataset, sc.batch_size, sc.engine.dtype.itemsize) if norms else sc.batch_size
@@ -175,11 +248,13 @@ class _Collector:
                         self.head.__exit__()  # its hook would keep every later batch's tensors
                         self.head = None
                         if norms is not None:  # batches already seen: their norms are kept, in order
-                            parts.extend(self._checked(v, i) for v, i in norms.drain(flush=True))
+                            for done, i in norms.drain(flush=True):
+                                put(done, i)
                             norms = None
                     elif norms is not None:  # L1 / L2: the residuals are formed many batches at a time
                         norms.add(hz[0], hz[1], targets, ids[pos])
-                        parts.extend(self._checked(v, i) for v, i in norms.drain())
+                        for done, i in norms.drain():
+                            put(done, i)
                         sc.bar.update(-(-len(pos) // sc.batch_size))  # the batches of batch_size it covered
                         continue
                     else:
@@ -194,11 +269,14 @@ class _Collector:
                 v = v.detach()
                 if self.proj is not None:
                     v = self.proj.project(v)
-                parts.append(self._checked(v, ids[pos]))
+                put(v, ids[pos])
                 sc.bar.update(1)
         if norms is not None:
-            parts.extend(self._checked(v, i) for v, i in norms.drain(flush=True))
-        return torch.cat(parts)
+            for done, i in norms.drain(flush=True):
+                put(done, i)
+        if filled != n:  # every row is written exactly once, in order
+            raise RuntimeError(f"internal error: {filled} of {n} rows of gradient features were computed")
+        return out
 
     @staticmethod
     def _checked(v: Tensor, ids: Any) -> Tensor:
@@ -286,15 +364,12 @@ def _sklearn_detector(name: str, opts: dict, random_state: int, n_fit: int, nove
     return est
 
 
-def _detect(name: str, det: Any, values: Tensor, ref: Tensor | None, random_state: int, opts: dict) -> np.ndarray:
-    if values.ndim == 1:  # closed-form / engine norms
-        return values.double().cpu().numpy()
-    X = values.cpu().numpy()
-    if name == "l2":
-        return np.linalg.norm(X.astype(np.float64), axis=1)
-    if name == "l1":
-        return np.abs(X.astype(np.float64)).sum(1)
-    R = ref.cpu().numpy() if ref is not None else None
+def _detect(name: str, det: Any, X: np.ndarray, R: np.ndarray | None, random_state: int, opts: dict) -> np.ndarray:
+    """Scores (N,) from the collector's arrays, which every detector takes as they are (no copy):
+    norms (N,) are the scores; features (N, width) go to the detector, fitted on the reference
+    features ``R`` when given."""
+    if X.ndim == 1:  # closed-form / engine norms, or the norms of projected gradients: float64 already
+        return X
     fit_on = R if R is not None else X
     if name in ("iforest", "ocsvm", "lof"):
         est = _sklearn_detector(name, opts, random_state, len(fit_on), novelty=R is not None)

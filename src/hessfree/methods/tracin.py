@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from hessfree.datasets import as_index, dataset_size, iter_batches, sample_ids
 from hessfree.grads.blocks import BatchGrads, concat
@@ -30,8 +31,9 @@ from hessfree.grads.select import ParamSpec, frequency_scaled_layer, select_para
 from hessfree.grads.stacked import NotStackable
 from hessfree.methods.common import Scorer, check_labels
 from hessfree.run import Run
-from hessfree.scores import Scores
+from hessfree.scores import Scores, resolve_k
 from hessfree.targets import Loss, Target
+from hessfree.topk import TopInfluence, TopKAccumulator
 
 
 def self_influence(run: Run, train_dataset: Dataset, *, params: ParamSpec = "all",
@@ -114,14 +116,27 @@ def _refuse_frequency_scaled_embeddings(model: nn.Module, params: ParamSpec) -> 
 def pairwise_influence(run: Run, train_dataset: Dataset, test_dataset: Dataset, *, params: ParamSpec = "all",
                        checkpoints: Sequence[int] | str | None = None, batch_size: int = 256,
                        dtype: torch.dtype = torch.float32, device: Any = None, progress: bool = True,
-                       ghost: bool = True, stack: bool = True) -> Scores:
+                       ghost: bool = True, stack: bool = True, top_k: int | float | None = None
+                       ) -> Scores | TopInfluence:
     """TracInCP matrix Σ_k η_k g_i(θ_k)·∇l(z'_j; θ_k): Scores (n_test, n_train).
 
     Test gradients use the test labels. Row j: positive entries are proponents of test sample j
     (removing them raises its loss), negative entries opponents. ``scores.helpful(k)`` gives the
     top proponents per test sample, ``scores.harmful(k)`` the top opponents. ``stack``: as in
     :func:`self_influence`.
+
+    ``top_k``: instead of the matrix, a :class:`hessfree.TopInfluence` with, per test sample,
+    the ``top_k`` most helpful (largest) and most harmful (smallest) entries and their training
+    sample ids, merged block by block into running buffers (memory O(n_test × (top_k + a window
+    of training columns)), never n_test × N; see :func:`_pairwise_top_k`). The same values and
+    order as ``helpful`` / ``harmful`` of the matrix, ties by the lower training position.
+    ``top_k`` follows :func:`hessfree.scores.resolve_k` (a count 1 ≤ k ≤ N or a fraction of N),
+    checked before any gradient work.
     """
+    if top_k is not None:
+        return _pairwise_top_k(run, train_dataset, test_dataset, top_k, params=params, checkpoints=checkpoints,
+                               batch_size=batch_size, dtype=dtype, device=device, progress=progress, ghost=ghost,
+                               stack=stack)
     m = dataset_size(test_dataset, "test dataset")
     test_ids = sample_ids(test_dataset)
     with Scorer(run, train_dataset, params=params, checkpoints=checkpoints, batch_size=batch_size, dtype=dtype,
@@ -131,14 +146,7 @@ def pairwise_influence(run: Run, train_dataset: Dataset, test_dataset: Dataset, 
         for ks, etas in sc.checkpoint_groups():
             w = torch.tensor(etas, dtype=torch.float64, device=out.device)
             try:  # NotStackable comes only from the stacked pass, never from the user's dataset or model
-                if test_checked is None:
-                    test_checked = check_labels(sc.engine, test_dataset)
-                grads = []
-                for p, b in iter_batches(test_dataset, batch_size):  # the user's dataset: errors as they are
-                    with sc.stacking_failures():
-                        grads.append((p, sc.engine.batch_grads(b, test_ids[p], validate=not test_checked)))
-                with sc.stacking_failures():
-                    tests = [(p, as_index(p), g) for p, g in _merged(grads)]
+                test_checked, tests = _test_gradients(sc, test_dataset, test_ids, batch_size, test_checked)
             except NotStackable as e:
                 if len(ks) == 1:
                     raise
@@ -146,19 +154,118 @@ def pairwise_influence(run: Run, train_dataset: Dataset, test_dataset: Dataset, 
                 continue
             with _explained(len(ks)):
                 for pos, _, tr in sc.train_batches():
-                    c = as_index(pos)
-                    for rows, r, te in tests:
-                        with sc.stacking_failures():
-                            block = te.weighted_gram(tr, w).detach()  # (B_test, B_train) float64, Σ_k η_k
-                        _check_finite(block.sum(0), sc.ids[pos], "loss or gradient")
-                        if isinstance(r, slice) and isinstance(c, slice):
-                            out[r, c].add_(block)
-                        else:
-                            ri = torch.as_tensor(rows, device=out.device)
-                            ci = torch.as_tensor(pos, device=out.device)
-                            out[ri[:, None], ci[None, :]] += block
+                    with sc.stacking_failures():
+                        _add_blocks(out, tests, tr, w, pos, sc.ids[pos])
         meta = sc.meta(n_test=m, goal="minimize")
     return Scores(out.cpu().numpy(), sc.ids, meta, test_ids=test_ids)
+
+
+_TOPK_WINDOW_BYTES = 64 << 20  # float64 partial sums of n_test × (a window of training columns)
+
+
+def _pairwise_top_k(run: Run, train_dataset: Dataset, test_dataset: Dataset, top_k: int | float, *,
+                    params: ParamSpec, checkpoints: Sequence[int] | str | None, batch_size: int, dtype: torch.dtype,
+                    device: Any, progress: bool, ghost: bool, stack: bool) -> TopInfluence:
+    """``pairwise_influence(..., top_k=k)``: the k largest and k smallest entries of each row of the
+    TracInCP matrix, without the matrix.
+
+    The training data are taken a window of W columns at a time (W: whole batches, at least one,
+    with the n_test × W float64 partial sums within _TOPK_WINDOW_BYTES). The window's blocks are
+    summed over every checkpoint (group) in the same order as the dense path sums them, so every
+    entry has the dense value bit for bit, then merged into running top-k buffers
+    (:class:`hessfree.topk.TopKAccumulator`: stable sort of [current k, window], ties by the lower
+    training position). Test gradients are computed once per checkpoint (group), as in the dense
+    path; when the checkpoints take several passes (``stack=False``, layers that cannot be
+    stacked, more checkpoints than one group holds) all their test gradients are kept, and each
+    window binds each group again (reloading its checkpoints).
+    """
+    n = dataset_size(train_dataset, "training dataset")
+    k = resolve_k(top_k, n)  # before any gradient work
+    m = dataset_size(test_dataset, "test dataset")
+    test_ids = sample_ids(test_dataset)
+    with Scorer(run, train_dataset, params=params, checkpoints=checkpoints, batch_size=batch_size, dtype=dtype,
+                device=device, progress=progress, method="pairwise_influence", ghost=ghost, stack=stack) as sc:
+        acc = TopKAccumulator(m, k, device=sc.engine.device)
+        groups = []  # (checkpoint indices, their η, test gradients) of each pass
+        test_checked = None
+        for ks, etas in sc.checkpoint_groups():
+            try:
+                test_checked, tests = _test_gradients(sc, test_dataset, test_ids, batch_size, test_checked)
+            except NotStackable as e:
+                if len(ks) == 1:
+                    raise
+                sc.redo_alone(e)  # this group again, one checkpoint at a time
+                continue
+            groups.append((ks, torch.tensor(etas, dtype=torch.float64, device=sc.engine.device), tests))
+        window = min(n, max(1, _TOPK_WINDOW_BYTES // (8 * m * batch_size)) * batch_size)
+        bar = tqdm(total=len(sc.ks) * -(-n // batch_size), desc="pairwise_influence top_k", disable=not progress,
+                   leave=False)
+        try:
+            for start in range(0, n, window):
+                stop = min(n, start + window)
+                partial = torch.zeros(m, stop - start, dtype=torch.float64, device=sc.engine.device)
+                for ks, w, tests in groups:
+                    if len(groups) > 1:  # else still bound from checkpoint_groups
+                        states = [sc.run.checkpoint_state(c) for c in ks]
+                        if len(states) == 1:
+                            sc.engine.bind(states[0])
+                        else:
+                            sc.engine.bind_stacked(states)
+                    with _explained(len(ks)):
+                        for pos, batch in iter_batches(sc.dataset, batch_size, order=np.arange(start, stop)):
+                            tr = sc.engine.batch_grads(batch, sc.ids[pos], validate=not sc.labels_checked,
+                                                       check_loss=False)
+                            _add_blocks(partial, tests, tr, w, pos - start, sc.ids[pos])
+                            bar.update(len(ks))
+                _merge_window(acc, partial, start, k)
+        finally:
+            bar.close()
+        meta = sc.meta(n_test=m, goal="minimize", top_k=k, window=window, passes=len(groups))
+    hp, hv, lp, lv = acc.positions()
+    return TopInfluence(test_ids, sc.ids[hp], hv, sc.ids[lp], lv, meta)
+
+
+def _test_gradients(sc: Scorer, test_dataset: Dataset, test_ids: np.ndarray, batch_size: int,
+                    checked: bool | None) -> tuple[bool, list]:
+    """The test set's per-sample gradients at the bound checkpoint(s), joined into chunks
+    (:func:`_merged`) as (positions, index, BatchGrads); its labels checked on the first call.
+    Returns (whether every label was checked, the chunks). Reading the test dataset stays outside
+    :meth:`Scorer.stacking_failures`: the user's errors surface as they are."""
+    if checked is None:
+        checked = check_labels(sc.engine, test_dataset)
+    grads = []
+    for p, b in iter_batches(test_dataset, batch_size):
+        with sc.stacking_failures():
+            grads.append((p, sc.engine.batch_grads(b, test_ids[p], validate=not checked)))
+    with sc.stacking_failures():
+        return checked, [(p, as_index(p), g) for p, g in _merged(grads)]
+
+
+def _add_blocks(out: torch.Tensor, tests: list, tr: BatchGrads, w: torch.Tensor, cols: np.ndarray,
+                ids: np.ndarray) -> None:
+    """out[test rows, cols] += Σ_k η_k ⟨test, train⟩ for every chunk of test gradients (as the dense path)."""
+    c = as_index(cols)
+    for rows, r, te in tests:
+        block = te.weighted_gram(tr, w).detach()  # (B_test, B_train) float64, Σ_k η_k
+        _check_finite(block.sum(0), ids, "loss or gradient")
+        if isinstance(r, slice) and isinstance(c, slice):
+            out[r, c].add_(block)
+        else:
+            ri = torch.as_tensor(rows, device=out.device)
+            ci = torch.as_tensor(cols, device=out.device)
+            out[ri[:, None], ci[None, :]] += block
+
+
+_TOPK_MERGE_BYTES = 8 << 20  # float64 candidates of one merge (a slab of rows × (k + window))
+
+
+def _merge_window(acc: TopKAccumulator, partial: torch.Tensor, start: int, k: int) -> None:
+    """Merge the window's columns (training positions start, start + 1, ...) a slab of rows at a time."""
+    m, width = partial.shape
+    cols = torch.arange(start, start + width, device=partial.device)
+    step = max(1, _TOPK_MERGE_BYTES // (8 * (k + width)))
+    for a in range(0, m, step):
+        acc.add(slice(a, min(m, a + step)), cols, partial[a:a + step])
 
 
 @contextmanager
