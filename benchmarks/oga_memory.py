@@ -39,11 +39,12 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from memory_probe import git, reset_peak, run_child, status_kib
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -52,14 +53,6 @@ D_IN, CLASSES = 256, 10
 P = D_IN * CLASSES  # features with params="last_layer_weight"
 LIMIT = 1.5  # acceptance: peak increase / one float32 copy, at the largest N
 WARMUP_N = 1024
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def child(n: int, detector: str, threads: int, batch_size: int) -> dict[str, Any]:
@@ -96,15 +89,13 @@ def child(n: int, detector: str, threads: int, batch_size: int) -> dict[str, Any
     hessfree.outlier_scores(model, TensorDataset(X[:WARMUP_N], y[:WARMUP_N]), **kw)  # imports, thread pool
     warned.clear()
     gc.collect()
-    base_kib = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # reset VmHWM to the current RSS
+    base_kib = reset_peak()  # VmHWM reset to the current RSS
     t0 = time.perf_counter()
     s = hessfree.outlier_scores(model, data, **kw)
     wall = time.perf_counter() - t0
-    hwm_kib = _status_kib("VmHWM")
+    hwm_kib = status_kib("VmHWM")
     maxrss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    after_kib = _status_kib("VmRSS")
+    after_kib = status_kib("VmRSS")
     assert s.meta["n_features"] == P, s.meta["n_features"]
     one_copy = n * P * 4
     peak = (hwm_kib - base_kib) * 1024
@@ -125,22 +116,9 @@ def child(n: int, detector: str, threads: int, batch_size: int) -> dict[str, Any
     }
 
 
-def _git(*args: str) -> str | None:
-    try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def run_setting(n: int, args: argparse.Namespace) -> dict[str, Any]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(n), "--detector", args.detector,
-           "--threads", str(args.threads), "--batch-size", str(args.batch_size)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"setting n={n} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child(__file__, [str(n), "--detector", args.detector, "--threads", str(args.threads),
+                                "--batch-size", str(args.batch_size)], f"setting n={n}")
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -201,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                    "getrusage(RUSAGE_SELF).ru_maxrss - the same baseline (never reset: a cross-check)",
         "acceptance": {"limit_ratio": LIMIT, "n": largest["n"], "ratio": largest["ratio_to_one_copy"],
                        "pass": largest["ratio_to_one_copy"] <= LIMIT},
-        "git": {"commit": _git("rev-parse", "HEAD"), "dirty": bool(_git("status", "--porcelain", "--", "src"))},
+        "git": {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--", "src"))},
         "environment": {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
                         "numpy": np.__version__, "scikit-learn": sklearn.__version__, "cpu_count": os.cpu_count()},
         "results": rows,

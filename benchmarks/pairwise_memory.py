@@ -23,24 +23,17 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from memory_probe import git, reset_peak, run_child, status_kib
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DEFAULT_OUT = HERE / "results" / "pairwise_memory.json"
 D_IN, HIDDEN, CLASSES = 20, 64, 10
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def child(n_test: int, n_train: int, top_k: int | None, threads: int) -> dict[str, Any]:
@@ -73,13 +66,11 @@ def child(n_test: int, n_train: int, top_k: int | None, threads: int) -> dict[st
     hessfree.pairwise_influence(run, *warm, top_k=min(top_k or 1, 256), **kw)
     hessfree.pairwise_influence(run, *warm, **kw)
     gc.collect()
-    base = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
+    base = reset_peak()  # VmHWM reset to the current RSS
     t0 = time.perf_counter()
     res = hessfree.pairwise_influence(run, train, test, top_k=top_k, **kw)
     wall = time.perf_counter() - t0
-    peak = (_status_kib("VmHWM") - base) * 1024
+    peak = (status_kib("VmHWM") - base) * 1024
     matrix = n_test * n_train * 8
     out: dict[str, Any] = {"n_test": n_test, "n_train": n_train, "top_k": top_k, "peak_increase_bytes": peak,
                            "dense_matrix_bytes": matrix, "ratio_to_dense_matrix": peak / matrix, "wall_s": wall,
@@ -97,22 +88,10 @@ def child(n_test: int, n_train: int, top_k: int | None, threads: int) -> dict[st
     return out
 
 
-def _git(*args: str) -> str | None:
-    try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def run_setting(n_test: int, n_train: int, top_k: int | None, threads: int) -> dict[str, Any]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(n_train), "--n-test", str(n_test),
-           "--threads", str(threads)] + (["--top-k", str(top_k)] if top_k is not None else [])
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"setting n_train={n_train} top_k={top_k} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child(__file__, [str(n_train), "--n-test", str(n_test), "--threads", str(threads)]
+                     + (["--top-k", str(top_k)] if top_k is not None else []),
+                     f"setting n_train={n_train} top_k={top_k}")
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -161,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         "measure": "peak RSS increase = VmHWM after the call - VmRSS before it (VmHWM reset via "
                    "/proc/self/clear_refs); "
                    "one fresh subprocess per row; baseline after data, run and a warm-up call, gc.collect()",
-        "git": {"commit": _git("rev-parse", "HEAD"), "dirty": bool(_git("status", "--porcelain", "--", "src"))},
+        "git": {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--", "src"))},
         "environment": {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
                         "numpy": np.__version__, "cpu_count": os.cpu_count()},
         "results": rows, "table": table, "seconds": time.perf_counter() - t0,

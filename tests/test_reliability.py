@@ -375,20 +375,29 @@ def test_failed_fit_leaves_the_model_bit_identical(tmp_path, how):
     assert not (tmp_path / "r").exists() or not any(p for p in (tmp_path / "r").iterdir())
 
 
-def test_huge_input_is_traced_to_its_sample():
+def huge_input_at_77():
+    """A small MLP and 160 samples, sample 77's inputs 1e30."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(160, 5, generator=g), torch.randint(0, 2, (160,), generator=g)
     x[77] = 1e30
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 2))
+    return nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 2)), TensorDataset(x, y)
+
+
+def deep_relu():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+
+
+def test_huge_input_is_traced_to_its_sample():
+    model, data = huge_input_at_77()
     with pytest.raises(NonFiniteError, match=r"diverged\. It began with sample id 77 at step \d+"):
-        hessfree.fit(model, TensorDataset(x, y), lr=0.1, epochs=3, batch_size=16, **Q)
+        hessfree.fit(model, data, lr=0.1, epochs=3, batch_size=16, **Q)
 
 
 @pytest.mark.parametrize("lr", [1e2, 1e4])
 def test_divergence_of_the_whole_batch_blames_the_learning_rate(lr):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+    model = deep_relu()
     with pytest.raises(NonFiniteError, match=r"diverged\. It began at step 1, where the losses of the whole batch "
                                              r"jumped.*lower the learning rate"):
         hessfree.fit(model, tabular(n=64), lr=lr, epochs=50, batch_size=16, **Q)
@@ -527,17 +536,11 @@ def test_a_failure_after_the_commit_keeps_the_new_run_and_the_trained_model(tmp_
 
 def test_divergence_is_traced_after_the_loss_window_wrapped(monkeypatch):
     monkeypatch.setattr("hessfree.run._LossWatch.WINDOW_FLOATS", 4 * 16)  # 4 steps of batch 16
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(160, 5, generator=g), torch.randint(0, 2, (160,), generator=g)
-    x[77] = 1e30
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 2))
+    model, data = huge_input_at_77()
     with pytest.raises(NonFiniteError, match=r"It began with sample id 77 at step \d+"):
-        hessfree.fit(model, TensorDataset(x, y), lr=0.1, epochs=3, batch_size=16, **Q)
-    torch.manual_seed(0)
-    deep = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+        hessfree.fit(model, data, lr=0.1, epochs=3, batch_size=16, **Q)
     with pytest.raises(NonFiniteError, match="whole batch jumped.*usual level of 1"):
-        hessfree.fit(deep, tabular(n=64), lr=lambda t: 0.01 if t < 70 else 1e3, epochs=30, batch_size=16, **Q)
+        hessfree.fit(deep_relu(), tabular(n=64), lr=lambda t: 0.01 if t < 70 else 1e3, epochs=30, batch_size=16, **Q)
 
 
 class MSE(hessfree.Task):
