@@ -404,41 +404,27 @@ def test_divergence_of_the_whole_batch_blames_the_learning_rate(lr):
 
 
 # ----------------------------------------------------------------------------- stacking fallbacks
-class CountingFail(Dataset):
-    def __init__(self, base, fail_from):
-        self.base, self.fail_from, self.fetched = base, fail_from, 0
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        self.fetched += 1
-        if self.fetched >= self.fail_from:
-            raise RuntimeError("the user's storage is gone")
-        return self.base[i]
-
-
 def test_a_users_dataset_error_surfaces_at_once_not_as_a_stacking_failure(caplog):
     data = tabular(n=64)
     run = hessfree.fit(mlp(0), data, batch_size=16, epochs=3, checkpoint_every=4, **Q)
     assert len(run) == 3
-    counted = CountingFail(data, fail_from=10**9)
+    counted = Crashing(data, ok=10**9)  # counts its fetches
     plain = hessfree.self_influence(run, counted, batch_size=16, **Q)
     assert plain.meta["checkpoints_per_pass"] == 3  # all three checkpoints share each pass
     total = counted.fetched  # the label check, then one pass over the 64 samples
     assert total >= 64
-    for fail_from in (total - 40, total - 10):  # inside the stacked pass over the training data
-        bad = CountingFail(data, fail_from)
-        with pytest.raises(RuntimeError, match="storage is gone"):
+    for ok in (total - 41, total - 11):  # fails inside the stacked pass over the training data
+        bad = Crashing(data, ok)
+        with pytest.raises(RuntimeError, match="disk error"):
             hessfree.self_influence(run, bad, batch_size=16, **Q)
-        assert bad.fetched == fail_from  # not one fetch more: nothing redone one checkpoint at a time
+        assert bad.fetched == ok + 1  # not one fetch more: nothing redone one checkpoint at a time
     assert "one at a time" not in caplog.text
-    test = CountingFail(tabular(n=20, seed=3), fail_from=10**9)
+    test = Crashing(tabular(n=20, seed=3), ok=10**9)
     hessfree.pairwise_influence(run, data, test, batch_size=16, **Q)
-    test = CountingFail(tabular(n=20, seed=3), fail_from=test.fetched - 3)  # a test batch of the stacked pass
-    with pytest.raises(RuntimeError, match="storage is gone"):
+    test = Crashing(tabular(n=20, seed=3), ok=test.fetched - 4)  # fails in a test batch of the stacked pass
+    with pytest.raises(RuntimeError, match="disk error"):
         hessfree.pairwise_influence(run, data, test, batch_size=16, **Q)
-    assert test.fetched == test.fail_from
+    assert test.fetched == test.ok + 1
 
 
 # ----------------------------------------------------------------------------- permissions

@@ -317,6 +317,7 @@ def test_attention_rule_matches_bruteforce(name, dtype):
     assert "forward" not in vars(attention)  # the rule's forward is gone once scoring is over
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch.func over attention, in the fallback
 def test_cross_attention_is_refused_with_the_way_out():
     class Cross(nn.Module):
         def __init__(self):
