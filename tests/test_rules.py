@@ -275,7 +275,8 @@ class Encoder(nn.Module):
         h = self.emb(ids)
         pad = ids == 0
         pad[:, 0] = False  # never a fully masked row
-        mask = nn.Transformer.generate_square_subsequent_mask(ids.shape[1]) if self.causal else None
+        T = ids.shape[1]  # a bool causal mask, as the padding mask is bool (torch warns on mixed types)
+        mask = torch.ones(T, T, dtype=torch.bool).triu(1) if self.causal else None
         if not self.batch_first:
             h = h.transpose(0, 1)
         h = self.enc(h, mask=mask, src_key_padding_mask=pad, is_causal=self.causal)
