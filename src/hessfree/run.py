@@ -638,11 +638,14 @@ class _LossWatch:
                 self.buffer = lo.new_full((self.window, self.width), float("nan"), dtype=torch.float32)
                 self.early = lo.new_full((min(self.EARLY, self.window), self.width), float("nan"),
                                          dtype=torch.float32)
-            for buf, row in ((self.buffer, step % self.window), (self.early, step)):
-                if row < len(buf) and (buf is self.buffer or step < len(buf)):
-                    buf[row, :lo.numel()].copy_(lo)
-                    if lo.numel() < self.width:
-                        buf[row, lo.numel():] = float("nan")
+            row = self.buffer[step % self.window]
+            if lo.numel() == self.width:
+                row.copy_(lo)
+            else:  # a short last batch: NaN beyond it
+                row[:lo.numel()].copy_(lo)
+                row[lo.numel():] = float("nan")
+            if step < len(self.early):
+                self.early[step].copy_(row)
             self.seen = step + 1
             return
         ids = self.ids[pos]
