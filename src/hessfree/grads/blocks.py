@@ -25,6 +25,8 @@ from torch import Tensor
 
 # Upper bound on elements of a temporary (rows, M, T, S) tensor in factorised sequence products.
 _MAX_TEMP = 1 << 24
+# Upper bound on elements of an embedding block's kept per-sample gradients (B, V, D).
+_MAX_DENSE = 1 << 25
 
 
 def _row_chunk(rows: int, per_row: int) -> int:
@@ -152,6 +154,17 @@ class EmbeddingBlock:
     g: Tensor  # (B, T, D) output gradients (zero at padding_idx positions)
     weight: str
     vocab: int = 0  # rows of the embedding table (needed only to materialise)
+    _dense: Tensor | None = field(default=None, repr=False)  # (B, V, D) per-sample gradients, once formed
+
+    def keep_dense(self) -> bool:
+        """Form and keep this block's per-sample gradients (B, V, D) when they fit the budget (a
+        block reused against many others: the test side of a train × test matrix). True if kept."""
+        if self._dense is None:
+            B, T, D = self.g.shape
+            if self.vocab < 1 or B * self.vocab * D > _MAX_DENSE:
+                return False
+            self._dense = self.per_param()[self.weight].view(B, self.vocab, D)
+        return True
 
     def sq_norms(self) -> Tensor:
         same = (self.ids[:, :, None] == self.ids[:, None, :]).to(self.g.dtype)
@@ -160,6 +173,20 @@ class EmbeddingBlock:
     def gram(self, other: "EmbeddingBlock") -> Tensor:
         B, T = self.ids.shape
         M, S = other.ids.shape
+        if self._dense is not None and S > 1:
+            if M * self.vocab * self.g.shape[2] <= _MAX_DENSE:  # both materialised: one matrix product
+                dense = other.per_param()[other.weight]
+                return self._dense.reshape(B, -1) @ dense.T
+            # the kept per-sample gradients read at the other side's ids: Σ_s dense_i[id'_s]·g'_s,
+            # B·M·S·D work instead of the B·M·T·S·D of every pair of positions
+            out = self.g.new_empty(B, M)
+            D = self.g.shape[2]
+            step = _row_chunk(B, M * S * D)
+            flat_ids, flat_g = other.ids.reshape(-1), other.g.reshape(M * S, D)
+            for i in range(0, B, step):
+                rows = self._dense[i:i + step, flat_ids]  # (rows, M·S, D)
+                out[i:i + step] = (rows * flat_g).sum(2).view(-1, M, S).sum(2)
+            return out
         out = self.g.new_empty(B, M)
         step = _row_chunk(B, M * T * S)
         for i in range(0, B, step):
@@ -190,7 +217,8 @@ class EmbeddingBlock:
         return {self.weight: W.reshape(-1)}
 
     def select(self, rows: Tensor | slice) -> "EmbeddingBlock":
-        return EmbeddingBlock(self.ids[rows], self.g[rows], self.weight, self.vocab)
+        return EmbeddingBlock(self.ids[rows], self.g[rows], self.weight, self.vocab,
+                              None if self._dense is None else self._dense[rows])
 
 
 @dataclass
@@ -254,6 +282,8 @@ class BatchGrads:
         B, M = len(self) // K, len(other) // K
         per_k: Tensor | None = None  # (K, B, M): Σ over blocks, in the gradients' dtype
         for b, o in zip(self.blocks, other.blocks):
+            if isinstance(b, EmbeddingBlock):  # this side is reused against every batch of the other
+                b.keep_dense()
             if isinstance(b, LinearBlock) and isinstance(o, LinearBlock) and b.g.shape[1] == o.g.shape[1] == 1:
                 # all K checkpoints in two batched products: (a·a' + [1]) (g·g')
                 part = torch.bmm(b.g.reshape(K, B, -1), o.g.reshape(K, M, -1).transpose(1, 2))
