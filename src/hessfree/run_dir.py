@@ -89,14 +89,6 @@ def read_manifest(run_dir: Path) -> dict:
     return manifest
 
 
-def is_run(run_dir: Path) -> bool:
-    try:
-        read_manifest(run_dir)
-    except RunDirectoryError:
-        return False
-    return True
-
-
 def _positive(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
