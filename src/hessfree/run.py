@@ -31,7 +31,7 @@ from hessfree.datasets import (dataset_size, fingerprint, iter_batches, leaves_i
 from hessfree.errors import (CheckpointMismatchError, DatasetMismatchError, InputError, NonFiniteError,
                              RunIntegrityError)
 from hessfree.io import sha256_file, write_npz, write_safetensors
-from hessfree.run_dir import RUN_FORMAT, Recording, read_manifest, validate_manifest, verify_files
+from hessfree.run_dir import RUN_FORMAT, Recording, positive_number, read_manifest, validate_manifest, verify_files
 from hessfree.tasks import Task, check_dataset_labels, resolve_task
 
 log = logging.getLogger(__name__)
@@ -399,10 +399,9 @@ def _is_number(x: Any) -> bool:
 
 def _check_learning_rates(rates: Sequence[Any]) -> None:
     for k, eta in enumerate(rates):
-        if not _is_number(eta):
-            raise InputError(f"learning rate {eta!r} of checkpoint {k} must be a finite positive number")
-        if not math.isfinite(eta) or eta <= 0:
-            raise InputError(f"learning rate {eta} of checkpoint {k} must be a finite positive number")
+        if not positive_number(eta):
+            shown = eta if _is_number(eta) else repr(eta)
+            raise InputError(f"learning rate {shown} of checkpoint {k} must be a finite positive number")
 
 
 # ----------------------------------------------------------------------------- fit
@@ -551,7 +550,7 @@ def _record(model: nn.Module, train_dataset: Dataset, task: Task, ids: np.ndarra
             order = torch.randperm(n, generator=gen).numpy()
             for pos, batch in iter_batches(train_dataset, batch_size, order):
                 eta = lr_fn(step)
-                if not _is_number(eta) or not math.isfinite(eta) or eta <= 0:
+                if not positive_number(eta):
                     raise InputError(f"the learning-rate schedule returned {eta!r} at step {step}")
                 eta = float(eta)
                 if every and step % every == 0:

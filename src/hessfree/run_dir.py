@@ -31,6 +31,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+
 from hessfree.errors import RunDirectoryError, RunIntegrityError
 import hessfree.io as hio
 from hessfree.io import TEMP_TAG, fsync_dir, honour_umask, sha256_file, write_json, writer_alive
@@ -89,8 +91,10 @@ def read_manifest(run_dir: Path) -> dict:
     return manifest
 
 
-def _positive(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+def positive_number(x: Any) -> bool:
+    """A finite number > 0 (a Python or NumPy int or float, not a bool): what a learning rate must be."""
+    return (isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+            and math.isfinite(x) and x > 0)
 
 
 def validate_manifest(manifest: dict, run_dir: Path) -> None:
@@ -112,7 +116,7 @@ def validate_manifest(manifest: dict, run_dir: Path) -> None:
     for k, c in enumerate(ckpts):
         if not isinstance(c, dict) or not isinstance(c.get("file"), str):
             raise bad(f"checkpoint {k} names no file")
-        if not _positive(c.get("learning_rate")):
+        if not positive_number(c.get("learning_rate")):
             raise bad(f"checkpoint {k} has learning rate {c.get('learning_rate')!r}, not a finite positive number")
         step = c.get("step")
         if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
