@@ -76,6 +76,18 @@ def in_child(action, target: int, after: bool) -> tuple[int, int]:
     return 0, int(msg)
 
 
+def killed_writes(write, reset):
+    """Count the file-system calls of ``write``, then for each call and each side of it: ``reset()``
+    the files, run ``write`` in a child killed there, and yield (call, after) for the caller's checks."""
+    _, total = in_child(write, target=-1, after=False)
+    for target in range(1, total + 1):
+        for after in (False, True):
+            reset()
+            sig, _ = in_child(write, target, after)
+            assert sig == signal.SIGKILL, (target, after, sig)
+            yield target, after
+
+
 def model(seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
@@ -107,34 +119,33 @@ def sweep_fit(work: Path) -> dict:
     def write() -> None:
         hessfree.fit(model(1), data(1), run_dir=rd, overwrite=True, **Q)
 
-    shutil.copytree(pristine, rd)
-    _, total = in_child(write, target=-1, after=False)
+    def reset() -> None:
+        shutil.rmtree(rd, ignore_errors=True)
+        shutil.copytree(pristine, rd)
+
+    reset()
     outcomes = {"old": 0, "new": 0, "leftovers": 0}
     kills = 0
-    for target in range(1, total + 1):
-        for after in (False, True):
-            shutil.rmtree(rd)
-            shutil.copytree(pristine, rd)
-            sig, _ = in_child(write, target, after)
-            assert sig == signal.SIGKILL, (target, after, sig)
-            kills += 1
-            got = states(hessfree.Run.load(rd, model(0)))  # never empty, never half-written
-            if same(got, old):
-                outcomes["old"] += 1
-            elif same(got, new):
-                outcomes["new"] += 1
-            else:
-                raise AssertionError(f"kill at call {target} ({'after' if after else 'before'}): neither run")
-            assert (rd / "notes.txt").read_text() == "the user's"
-            live = json.loads((rd / "manifest.json").read_text())["steps"].split("/")[0]
-            outcomes["leftovers"] += len([p for p in rd.iterdir() if p.name not in (live, "manifest.json", "notes.txt")])
-            write()  # the next write cleans every leftover
-            assert same(states(hessfree.Run.load(rd, model(0))), new)
-            live = json.loads((rd / "manifest.json").read_text())["steps"].split("/")[0]
-            left = sorted(p.name for p in rd.iterdir())
-            assert left == sorted([live, "manifest.json", "notes.txt"]), (target, after, left)
-            assert sorted(p.name for p in work.iterdir()) == ["pristine", "reference", "run"]
-    return {"calls": total, "kills": kills, **outcomes}
+    calls = 0
+    for target, after in killed_writes(write, reset):
+        kills, calls = kills + 1, target
+        got = states(hessfree.Run.load(rd, model(0)))  # never empty, never half-written
+        if same(got, old):
+            outcomes["old"] += 1
+        elif same(got, new):
+            outcomes["new"] += 1
+        else:
+            raise AssertionError(f"kill at call {target} ({'after' if after else 'before'}): neither run")
+        assert (rd / "notes.txt").read_text() == "the user's"
+        live = json.loads((rd / "manifest.json").read_text())["steps"].split("/")[0]
+        outcomes["leftovers"] += len([p for p in rd.iterdir() if p.name not in (live, "manifest.json", "notes.txt")])
+        write()  # the next write cleans every leftover
+        assert same(states(hessfree.Run.load(rd, model(0))), new)
+        live = json.loads((rd / "manifest.json").read_text())["steps"].split("/")[0]
+        left = sorted(p.name for p in rd.iterdir())
+        assert left == sorted([live, "manifest.json", "notes.txt"]), (target, after, left)
+        assert sorted(p.name for p in work.iterdir()) == ["pristine", "reference", "run"]
+    return {"calls": calls, "kills": kills, **outcomes}
 
 
 def sweep_save(work: Path) -> dict:
@@ -146,24 +157,20 @@ def sweep_save(work: Path) -> dict:
         new.save(path)
 
     old.save(path)
-    _, total = in_child(write, target=-1, after=False)
     outcomes = {"old": 0, "new": 0, "leftovers": 0}
     kills = 0
-    for target in range(1, total + 1):
-        for after in (False, True):
-            old.save(path)
-            sig, _ = in_child(write, target, after)
-            assert sig == signal.SIGKILL
-            kills += 1
-            got = Scores.load(path)
-            key = got.meta["v"]
-            ref = {"old": old, "new": new}[key]
-            assert np.array_equal(got.values, ref.values) and np.array_equal(got.sample_ids, ref.sample_ids)
-            outcomes[key] += 1
-            outcomes["leftovers"] += len(os.listdir(work)) - 1
-            write()
-            assert sorted(p.name for p in work.iterdir()) == ["scores.npz"], sorted(os.listdir(work))
-    return {"calls": total, "kills": kills, **outcomes}
+    calls = 0
+    for target, _ in killed_writes(write, lambda: old.save(path)):
+        kills, calls = kills + 1, target
+        got = Scores.load(path)
+        key = got.meta["v"]
+        ref = {"old": old, "new": new}[key]
+        assert np.array_equal(got.values, ref.values) and np.array_equal(got.sample_ids, ref.sample_ids)
+        outcomes[key] += 1
+        outcomes["leftovers"] += len(os.listdir(work)) - 1
+        write()
+        assert sorted(p.name for p in work.iterdir()) == ["scores.npz"], sorted(os.listdir(work))
+    return {"calls": calls, "kills": kills, **outcomes}
 
 
 if __name__ == "__main__":
