@@ -365,6 +365,48 @@ def setup_floor(ctx: Ctx) -> dict:
                              "(n, 10): the cheapest product that fills the (n_test, N) output"}
 
 
+def setup_floor_products(ctx: Ctx) -> dict:
+    """The floor's passes plus the products an exact method over materialised (B, P) per-sample gradients
+    must do: self, the squared row norms of a (B, P) matrix per training batch; train x test, one
+    (n_test, P) @ (P, B) product per training batch, both per checkpoint. The (n, P) matrices are random,
+    allocated outside the timing (so forming per-sample gradients is not counted: a lower bound again)."""
+    base = setup_floor(ctx)
+    P = sum(p.numel() for p in build_model(ctx.spec).parameters())
+    gen = torch.Generator().manual_seed(0)
+    g_batch = torch.randn(SCORE_BATCH, P, generator=gen)
+    g_test = torch.randn(len(ctx.test_ds), P, generator=gen)
+
+    def prep_self(ds: TensorDataset) -> Callable[[], np.ndarray]:
+        passes = base["self"](ds)
+
+        def call() -> np.ndarray:
+            passes()
+            for _ in ctx.states:
+                for lo in range(0, len(ds), SCORE_BATCH):
+                    torch.linalg.vector_norm(g_batch[:len(ds) - lo], dim=1).square_()
+            return np.zeros(0)
+        return call
+
+    def prep_pair(ds: TensorDataset) -> Callable[[], np.ndarray]:
+        passes = base["pair"](ds)
+
+        def call() -> np.ndarray:
+            passes()
+            out = torch.zeros(len(ctx.test_ds), len(ds))
+            for eta in ctx.lrs:
+                for lo in range(0, len(ds), SCORE_BATCH):
+                    g = g_batch[:len(ds) - lo]
+                    out[:, lo:lo + len(g)] += eta * (g_test @ g.T)
+            return np.zeros(0)
+        return call
+
+    return {"self": prep_self, "pair": prep_pair,
+            "inside_timing": "the floor's call, then per checkpoint and training batch of 256: self, "
+                             "vector_norm(G_batch, dim=1).square_(); pair, out[:, batch] += eta * G_test @ G_batch.T, "
+                             f"with G_batch (256, P) and G_test (n_test, P) random, P = {P} (all parameters), "
+                             "allocated outside the timing"}
+
+
 def setup_hessfree(ctx: Ctx) -> dict:
     import hessfree
 
@@ -512,6 +554,7 @@ class Method:
 
 METHODS = [
     Method("floor", "floor (bare fwd+bwd)", setup_floor, False),
+    Method("floor_products", "floor + products", setup_floor_products, False),
     Method("hessfree", "hessfree", setup_hessfree, False),
     Method("vmap", "torch.func vmap(grad)", setup_vmap, True),
     Method("captum", "Captum TracInCP (swgpb=True)", setup_captum, True),
@@ -608,7 +651,7 @@ def run_method(m: Method, ctx: Ctx, train_ds: TensorDataset, ref: dict, args: ar
             if "_meta" in spec:
                 r.update(spec["_meta"].get(q, {}))
             out = meas["output"]
-            if m.key != "floor":
+            if not m.key.startswith("floor"):
                 r["output_shape"] = list(out.shape)
                 expect = (len(ds),) if q == "self" else (len(ctx.test_ds), len(ds))
                 if tuple(out.shape) != expect:
@@ -638,6 +681,7 @@ def add_ratios(results: dict[str, dict]) -> None:
     exact = exact_peers(results)
     for q in QUANTITIES:
         floor = results.get("floor", {}).get(q, {}).get("median_s")
+        floor_products = results.get("floor_products", {}).get(q, {}).get("median_s")
         times = {k: results[k][q]["median_s"] for k in exact}
         fastest = min(times, key=times.get) if times else None
         for m in METHODS:
@@ -646,6 +690,8 @@ def add_ratios(results: dict[str, dict]) -> None:
                 continue
             if floor:
                 r["x_floor"] = r["median_s"] / floor
+            if floor_products:
+                r["x_floor_products"] = r["median_s"] / floor_products
             if m.key == "hessfree" and fastest:
                 r["fastest_exact_peer"] = fastest
                 r["vs_fastest_exact_peer"] = r["median_s"] / times[fastest]
@@ -700,7 +746,8 @@ def _cell(r: dict) -> str:
     if "error" in r:
         return "failed"
     s = f"{'~' if 'capped' in r else ''}{r['median_s']:.3f}"
-    return s + (f" ({r['x_floor']:.1f}×)" if "x_floor" in r else "")
+    ratios = [f"{r[k]:.1f}×" for k in ("x_floor", "x_floor_products") if k in r]
+    return s + (f" ({' / '.join(ratios)})" if ratios else "")
 
 
 def _pair(a: Any, b: Any, fmt: str) -> str:
@@ -710,7 +757,7 @@ def _pair(a: Any, b: Any, fmt: str) -> str:
 
 def format_table(runs: list[dict], threads: int) -> str:
     lines = [f"{threads} thread(s)", "",
-             "| model | method | self s (× floor) | train×test s (× floor) | +peak MB self / pair | rel. error self / "
+             "| model | method | self s (× floor / × floor+products) | train×test s (× floor / × floor+products) | +peak MB self / pair | rel. error self / "
              "pair | fallback params |",
              "|---|---|---|---|---|---|---|"]
     notes = []
@@ -730,7 +777,7 @@ def format_table(runs: list[dict], threads: int) -> str:
                 lst = s.get("fallback_params", p.get("fallback_params"))
                 if lst is not None:
                     fb = f"{len(lst)}" + (f" ({', '.join(lst[:4])}{', …' if len(lst) > 4 else ''})" if lst else "")
-            err = _pair(s.get("rel_err"), p.get("rel_err"), ".1e") if m.key != "floor" else "-"
+            err = _pair(s.get("rel_err"), p.get("rel_err"), ".1e") if not m.key.startswith("floor") else "-"
             mem = _pair(s.get("peak_increase_mb_max"), p.get("peak_increase_mb_max"), ".0f")
             lines.append(f"| {run['model']} ({run['n_params']:,} params) | {m.label} | {_cell(s)} | {_cell(p)} | "
                          f"{mem} | {err} | {fb} |")

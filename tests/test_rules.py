@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import hessfree
-from hessfree.grads import rules
+from hessfree.grads import cost, rules
 from hessfree.grads.blocks import DenseBlock
 from helpers import brute_grads, brute_target_grad, rel_err
 
@@ -372,3 +372,43 @@ def test_sequence_first_inputs_are_grouped_by_sample(T, n, caplog):
         assert "lin.weight" in s.meta["fallback_params"] and "single samples" in caplog.text
     else:
         assert s.meta["fallback_params"] == []
+
+
+# ----------------------------------------------------------------------------- the cost model
+FORMS = {  # every form the cost model can pick, forced for every block: (sq norms, linear gram, embedding gram)
+    "factorised": ("factorised", "factorised", "factorised"),
+    "dense_read": ("dense", "dense", "read"),
+    "dense": ("dense", "dense", "dense"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("forms", list(FORMS))
+@pytest.mark.parametrize("name", ["conv1d", "layernorm_rmsnorm", "transposed_linear", "encoder"])
+def test_every_form_the_cost_model_can_pick_is_exact(name, forms, dtype, monkeypatch):
+    sq, lin, emb = FORMS[forms]
+    monkeypatch.setattr(cost, "linear_sq_norms", lambda *a, **k: sq)
+    monkeypatch.setattr(cost, "linear_gram", lambda *a, **k: lin)
+    monkeypatch.setattr(cost, "embedding_gram", lambda *a, **k: emb)
+    if name == "transposed_linear":
+        rules.register_rule(TConv1D, rules.TransposedLinearRule())
+    build, make = ATTENTION[name] if name in ATTENTION else CASES[name]
+    torch.manual_seed(0)
+    check_against_bruteforce(perturbed_run(build()), make(13, 0), make(5, 1), dtype, batch_size=6)
+
+
+def test_cost_model_picks_the_form_the_shapes_call_for():
+    # one position: the factorised form is always cheaper than d_in × d_out
+    assert cost.linear_sq_norms(1, 64, 128) == "factorised"
+    # a convolution: 1,024 output positions, 27 × 16 weights: form the gradient
+    assert cost.linear_sq_norms(1024, 28, 16) == "dense"
+    assert cost.linear_gram(256, 128, 1024, 1024, 28, 16) == "dense"
+    # short sequences through a wide layer: pairs of positions are cheaper than 4,096 × 4,096 weights
+    assert cost.linear_gram(8, 8, 4, 4, 4096, 4096) == "factorised"
+    # a layer whose per-sample gradients would not fit the budget is never materialised
+    assert cost.linear_gram(256, 128, 512, 512, 4096, 4096) == "factorised"
+    # T = 32 tokens over a 1,100-row table: both sides formed, one matrix product; read at ids when
+    # the table is too large for the other side to be formed
+    assert cost.embedding_gram(256, 128, 32, 32, 1100, 64, kept=(True, False)) == "dense"
+    assert cost.embedding_gram(256, 128, 32, 32, 50_000, 64, kept=(True, False)) in ("read", "factorised")
+    assert cost.embedding_gram(256, 128, 32, 32, 10**6, 64) == "factorised"  # nothing fits

@@ -6,15 +6,21 @@ and inner products with one dense parameter-shaped vector (B,).
 
 - :class:`LinearBlock` — a weight (and/or bias) used as ``y_t = W a_t + b`` at positions t:
   per-sample gradient ``G_i = Σ_t g_it a_itᵀ`` kept as the factors ``a`` (B, T, d_in) and
-  ``g`` (B, T, d_out). nn.Linear (any leading dims) and nn.Conv2d (via unfold) both land here.
+  ``g`` (B, T, d_out). nn.Linear (any leading dims) and nn.Conv1d/2d (via unfold) land here.
   The bias acts as a weight on a constant input 1 (it adds 1 to every input inner product, so
   no ones column is ever concatenated to the activations).
-  For T = 1 the inner product of two samples is ``(a·a' + 1)(g·g')``; for T > 1 the "mixed ghost" rule picks the factorised form
-  ``Σ_{t,s}(a_t·a'_s)(g_t·g'_s)`` (cost ∝ T·S·(d_in+d_out)) or the materialised
-  ``d_out×d_in`` gradient (cost ∝ d_in·d_out), whichever is cheaper.
-- :class:`EmbeddingBlock` — gradient rows at the looked-up ids: ``Σ_{t,s}[id_t = id'_s](g_t·g'_s)``.
+  For T = 1 the inner product of two samples is ``(a·a' + 1)(g·g')``; for T > 1 the cost model
+  (:mod:`hessfree.grads.cost`) picks the factorised form ``Σ_{t,s}(a_t·a'_s)(g_t·g'_s)`` or the
+  materialised ``d_out×d_in`` gradient for each product.
+- :class:`EmbeddingBlock` — gradient rows at the looked-up ids: ``Σ_{t,s}[id_t = id'_s](g_t·g'_s)``,
+  or, as the cost model picks, one side's materialised rows read at the other's ids, or both
+  sides materialised and one matrix product.
 - :class:`DenseBlock` — materialised per-sample gradients (B, P): the ``vmap(grad)`` fallback, and
-  layers whose per-sample gradients are as small as their parameters (the norm layers).
+  layers whose per-sample gradients are small beside their activations (the norm layers; a
+  convolution over many output positions, as the cost model decides).
+
+A block that is reused against many others (the test side of a train × test matrix) keeps what it
+materialises; ``kept=(True, False)`` in ``gram`` tells the cost model so.
 """
 from __future__ import annotations
 
@@ -23,10 +29,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from hessfree.grads import cost
+
 # Upper bound on elements of a temporary (rows, M, T, S) tensor in factorised sequence products.
 _MAX_TEMP = 1 << 24
-# Upper bound on elements of an embedding block's kept per-sample gradients (B, V, D).
-_MAX_DENSE = 1 << 25
 
 
 def _row_chunk(rows: int, per_row: int) -> int:
@@ -67,13 +73,23 @@ class LinearBlock:
         prod = torch.einsum(pattern, self.a, other.a)
         return prod + 1.0 if self.bias is not None else prod
 
-    def materialise(self) -> Tensor:
-        """(B, d_out, d_in') per-sample gradients, the bias as the last column (cached)."""
-        if self._dense is None:
-            ones = self.g.new_ones(*self.g.shape[:2], 1)
-            a = ones if self.a is None else (torch.cat([self.a, ones], 2) if self.bias is not None else self.a)
-            self._dense = torch.bmm(self.g.transpose(1, 2), a)
-        return self._dense
+    def materialise(self, keep: bool = False) -> Tensor:
+        """(B, d_out, d_in') per-sample gradients, the bias as the last column; ``keep``: store them
+        with the block for later products (a block reused against many others)."""
+        if self._dense is not None:
+            return self._dense
+        # the bias column is Σ_t g_t: appended to the (B, d_out, d_in) product, never as a column of
+        # ones on the (B, T, d_in) inputs (a copy of every input position)
+        bias = self.g.sum(1).unsqueeze(2) if self.bias is not None else None
+        if self.a is None:
+            dense = bias
+        else:
+            dense = torch.bmm(self.g.transpose(1, 2), self.a)
+            if bias is not None:
+                dense = torch.cat([dense, bias], 2)
+        if keep:
+            self._dense = dense
+        return dense
 
     def sq_norms(self) -> Tensor:
         g = self.g
@@ -86,19 +102,22 @@ class LinearBlock:
             a2 = self.a.view(self.a.shape[0], self.a.shape[2])
             aa = _sq_rows(a2)
             return torch.addcmul(gg, aa, gg) if self.bias is not None else aa * gg
-        if T * T * (self.d_in + d_out) <= self.d_in * d_out:
+        if self._dense is None and cost.linear_sq_norms(T, self.d_in, d_out) == "factorised":
             aa = self._input_products(self, "btd,bsd->bts")
             return (aa * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
         return self.materialise().pow(2).sum((1, 2))
 
-    def gram(self, other: "LinearBlock") -> Tensor:
+    def gram(self, other: "LinearBlock", kept: tuple[bool, bool] = (False, False)) -> Tensor:
+        """(B, M) inner products with ``other``'s per-sample gradients; ``kept``: which sides are
+        reused against many others (their materialised gradients are kept; see :mod:`cost`)."""
         g, g2 = self.g, other.g
         T, S, d_out = g.shape[1], g2.shape[1], g.shape[2]
         if T == 1 and S == 1:
             aa = (self.a[:, 0] @ other.a[:, 0].T + self._one
                   if self.a is not None and other.a is not None else self._one)
             return aa * (g[:, 0] @ g2[:, 0].T)
-        if T * S * (self.d_in + d_out) <= self.d_in * d_out:
+        kept = (kept[0] or self._dense is not None, kept[1] or other._dense is not None)
+        if cost.linear_gram(g.shape[0], g2.shape[0], T, S, self.d_in, d_out, kept=kept) == "factorised":
             out = g.new_empty(g.shape[0], g2.shape[0])
             step = _row_chunk(g.shape[0], g2.shape[0] * T * S)
             for i in range(0, g.shape[0], step):
@@ -107,7 +126,7 @@ class LinearBlock:
                 aa = part._input_products(other, "itd,jsd->ijts")
                 out[sl] = (aa * torch.einsum("itd,jsd->ijts", g[sl], g2)).sum((2, 3))
             return out
-        return self.materialise().flatten(1) @ other.materialise().flatten(1).T
+        return self.materialise(kept[0]).flatten(1) @ other.materialise(kept[1]).flatten(1).T
 
     def dot(self, q: dict[str, Tensor]) -> Tensor:
         d_out = self.g.shape[2]
@@ -132,6 +151,12 @@ class LinearBlock:
             out[self.bias] = self.g.sum(1)
         return out
 
+    def as_dense(self) -> "DenseBlock":
+        """The same per-sample gradients materialised, as a :class:`DenseBlock`."""
+        parts = self.per_param()
+        names = [n for n in (self.weight, self.bias) if n is not None]
+        return DenseBlock(torch.cat([parts[n] for n in names], 1), names, [parts[n].shape[1] for n in names])
+
     def total(self) -> dict[str, Tensor]:
         """Σ over the samples of each parameter's gradient, flattened in the parameter's layout."""
         g = self.g.flatten(0, 1)
@@ -145,7 +170,7 @@ class LinearBlock:
 
     def select(self, rows: Tensor | slice) -> "LinearBlock":
         return LinearBlock(self.a[rows] if self.a is not None else None, self.g[rows], self.weight, self.bias,
-                           self.weight_shape, self.transposed)
+                           self.weight_shape, self.transposed, None if self._dense is None else self._dense[rows])
 
 
 @dataclass
@@ -156,37 +181,33 @@ class EmbeddingBlock:
     vocab: int = 0  # rows of the embedding table (needed only to materialise)
     _dense: Tensor | None = field(default=None, repr=False)  # (B, V, D) per-sample gradients, once formed
 
-    def keep_dense(self) -> bool:
-        """Form and keep this block's per-sample gradients (B, V, D) when they fit the budget (a
-        block reused against many others: the test side of a train × test matrix). True if kept."""
-        if self._dense is None:
-            B, T, D = self.g.shape
-            if self.vocab < 1 or B * self.vocab * D > _MAX_DENSE:
-                return False
-            self._dense = self.per_param()[self.weight].view(B, self.vocab, D)
-        return True
+    def _form_dense(self, keep: bool) -> Tensor:
+        """(B, V, D) per-sample gradients; ``keep``: store them with the block for later products."""
+        if self._dense is not None:
+            return self._dense
+        B, T, D = self.g.shape
+        dense = self.per_param()[self.weight].view(B, self.vocab, D)
+        if keep:
+            self._dense = dense
+        return dense
 
     def sq_norms(self) -> Tensor:
         same = (self.ids[:, :, None] == self.ids[:, None, :]).to(self.g.dtype)
         return (same * torch.bmm(self.g, self.g.transpose(1, 2))).sum((1, 2))
 
-    def gram(self, other: "EmbeddingBlock") -> Tensor:
+    def gram(self, other: "EmbeddingBlock", kept: tuple[bool, bool] = (False, False)) -> Tensor:
+        """(B, M) inner products with ``other``'s per-sample gradients; ``kept``: which sides are
+        reused against many others (their materialised rows are kept; see :mod:`cost`)."""
         B, T = self.ids.shape
         M, S = other.ids.shape
-        if self._dense is not None and S > 1:
-            if M * self.vocab * self.g.shape[2] <= _MAX_DENSE:  # both materialised: one matrix product
-                dense = other.per_param()[other.weight]
-                return self._dense.reshape(B, -1) @ dense.T
-            # the kept per-sample gradients read at the other side's ids: Σ_s dense_i[id'_s]·g'_s,
-            # B·M·S·D work instead of the B·M·T·S·D of every pair of positions
-            out = self.g.new_empty(B, M)
-            D = self.g.shape[2]
-            step = _row_chunk(B, M * S * D)
-            flat_ids, flat_g = other.ids.reshape(-1), other.g.reshape(M * S, D)
-            for i in range(0, B, step):
-                rows = self._dense[i:i + step, flat_ids]  # (rows, M·S, D)
-                out[i:i + step] = (rows * flat_g).sum(2).view(-1, M, S).sum(2)
-            return out
+        D = self.g.shape[2]
+        V = self.vocab if self.vocab >= 1 and other.vocab >= 1 else 0
+        kept = (kept[0] or self._dense is not None, kept[1] or other._dense is not None)
+        form = cost.embedding_gram(B, M, T, S, V, D, kept=kept) if V else "factorised"
+        if form == "read":
+            return self._read(other, B, M, S, D)
+        if form == "dense":
+            return self._form_dense(kept[0]).reshape(B, -1) @ other._form_dense(kept[1]).reshape(M, -1).T
         out = self.g.new_empty(B, M)
         step = _row_chunk(B, M * T * S)
         for i in range(0, B, step):
@@ -194,6 +215,17 @@ class EmbeddingBlock:
             same = (self.ids[sl, None, :, None] == other.ids[None, :, None, :]).to(self.g.dtype)
             gg = torch.einsum("itd,jsd->ijts", self.g[sl], other.g)
             out[sl] = (same * gg).sum((2, 3))
+        return out
+
+    def _read(self, other: "EmbeddingBlock", B: int, M: int, S: int, D: int) -> Tensor:
+        """Σ_s dense_i[id'_s]·g'_s: this side's per-sample gradient rows read at ``other``'s ids."""
+        dense = self._form_dense(True)
+        out = self.g.new_empty(B, M)
+        step = _row_chunk(B, M * S * D)
+        flat_ids, flat_g = other.ids.reshape(-1), other.g.reshape(M * S, D)
+        for i in range(0, B, step):
+            rows = dense[i:i + step, flat_ids]  # (rows, M·S, D)
+            out[i:i + step] = (rows * flat_g).sum(2).view(-1, M, S).sum(2)
         return out
 
     def dot(self, q: dict[str, Tensor]) -> Tensor:
@@ -230,7 +262,7 @@ class DenseBlock:
     def sq_norms(self) -> Tensor:
         return self.G.pow(2).sum(1)
 
-    def gram(self, other: "DenseBlock") -> Tensor:
+    def gram(self, other: "DenseBlock", kept: tuple[bool, bool] = (False, False)) -> Tensor:
         return self.G @ other.G.T
 
     def dot(self, q: dict[str, Tensor]) -> Tensor:
@@ -263,15 +295,21 @@ class BatchGrads:
     blocks: list[Block]
     losses: Tensor  # (group·B,) per-sample losses (detached)
     group: int = 1
+    _slabs: dict[int, "BatchGrads"] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return self.losses.shape[0]
 
     def slab(self, k: int) -> "BatchGrads":
-        """The rows of the group's k-th checkpoint, as a one-checkpoint BatchGrads."""
-        b = len(self) // self.group
-        rows = slice(k * b, (k + 1) * b)
-        return BatchGrads([blk.select(rows) for blk in self.blocks], self.losses[rows])
+        """The rows of the group's k-th checkpoint, as a one-checkpoint BatchGrads (the same object
+        on every call, so what its blocks materialise is kept with it)."""
+        if self.group == 1:
+            return self
+        if k not in self._slabs:
+            b = len(self) // self.group
+            rows = slice(k * b, (k + 1) * b)
+            self._slabs[k] = BatchGrads([blk.select(rows) for blk in self.blocks], self.losses[rows])
+        return self._slabs[k]
 
     def weighted_gram(self, other: "BatchGrads", weights: Tensor) -> Tensor:
         """(B, M) float64 Σ_k weights[k] · (this batch at checkpoint k)·(``other`` at checkpoint k),
@@ -281,18 +319,17 @@ class BatchGrads:
             raise ValueError("weighted_gram needs two BatchGrads of the same checkpoint group")
         B, M = len(self) // K, len(other) // K
         per_k: Tensor | None = None  # (K, B, M): Σ over blocks, in the gradients' dtype
-        for b, o in zip(self.blocks, other.blocks):
-            if isinstance(b, EmbeddingBlock):  # this side is reused against every batch of the other
-                b.keep_dense()
+        mine, theirs = [self.slab(k) for k in range(K)], [other.slab(k) for k in range(K)]
+        for j, (b, o) in enumerate(zip(self.blocks, other.blocks)):
             if isinstance(b, LinearBlock) and isinstance(o, LinearBlock) and b.g.shape[1] == o.g.shape[1] == 1:
                 # all K checkpoints in two batched products: (a·a' + [1]) (g·g')
                 part = torch.bmm(b.g.reshape(K, B, -1), o.g.reshape(K, M, -1).transpose(1, 2))
                 if b.a is not None and o.a is not None:
                     aa = torch.bmm(b.a.reshape(K, B, -1), o.a.reshape(K, M, -1).transpose(1, 2))
                     part = torch.addcmul(part, part, aa) if b.bias is not None else part * aa
-            else:
-                part = torch.stack([b.select(slice(k * B, (k + 1) * B)).gram(o.select(slice(k * M, (k + 1) * M)))
-                                    for k in range(K)])
+            else:  # this side is reused against every batch of the other: what it materialises is kept
+                part = torch.stack([mk.blocks[j].gram(tk.blocks[j], kept=(True, False))  # type: ignore[arg-type]
+                                    for mk, tk in zip(mine, theirs)])
             per_k = part if per_k is None else per_k.add_(part)
         assert per_k is not None
         if K == 1:
