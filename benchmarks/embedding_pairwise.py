@@ -1,7 +1,7 @@
 """A newcomer's text classifier: is hessfree's train x test matrix as fast as writing it by hand?
 
 Model: Embedding(V, D) -> mean over the T tokens -> Linear(D, C), all parameters, float32, random
-tokens and labels (seeded). The train x test TracIn matrix sum_k eta_k g_test(theta_k) . g_train(theta_k),
+tokens and labels (seeded), at two sizes: V, D, T = 100, 16, 10 and 500, 32, 20 (C = 2). The train x test TracIn matrix sum_k eta_k g_test(theta_k) . g_train(theta_k),
 N_TRAIN x N_TEST, with 1 and with 5 checkpoints, is computed
 
 * by ``hessfree.pairwise_influence`` (default ``stack=True``: several checkpoints share one pass where the
@@ -38,8 +38,10 @@ from torch.utils.data import TensorDataset
 import hessfree
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "embedding_pairwise.json"
-V, D, T, C = 500, 32, 20, 2
+SIZES = [(100, 16, 10), (500, 32, 20)]  # (V, D, T)
+C = 2
 LR = 0.1
+V, D, T = SIZES[0]  # set per size by main()
 
 
 class MeanPool(nn.Module):
@@ -115,6 +117,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.n_train, args.n_test, args.repeats = 200, 50, 1
     torch.set_num_threads(args.threads)
+    global V, D, T
+    rows = []
+    for V, D, T in SIZES:
+        rows += measure_size(args)
+    result = {
+        "model": "Embedding(V, D) -> mean over T tokens -> Linear(D, 2), all parameters, float32",
+        "n_train": args.n_train, "n_test": args.n_test, "threads": args.threads, "repeats": args.repeats,
+        "loadavg": os.getloadavg(), "torch": torch.__version__, "rows": rows,
+    }
+    if not args.quick:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(args.out)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def measure_size(args: argparse.Namespace) -> list[dict]:
     train, test = make_data(args.n_train, args.n_test)
     rows = []
     for k in args.checkpoints:
@@ -130,22 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         for name, call in calls.items():
             times, out = timed(call, args.repeats)
             err = float(np.abs(np.asarray(out, np.float64) - ref).max() / np.abs(ref).max())
-            rows.append({"checkpoints": k, "method": name, "seconds": times, "median_s": statistics.median(times),
-                         "rel_err_vs_float64_by_hand": err})
-            print(f"{k} checkpoint(s)  {name:24s} {statistics.median(times):7.3f} s  "
+            rows.append({"V": V, "D": D, "T": T, "checkpoints": k, "method": name, "seconds": times,
+                         "median_s": statistics.median(times), "rel_err_vs_float64_by_hand": err})
+            print(f"V={V} D={D} T={T}  {k} checkpoint(s)  {name:24s} {statistics.median(times):7.3f} s  "
                   f"(min {min(times):.3f}, max {max(times):.3f})  rel. error {err:.1e}", flush=True)
-    result = {
-        "model": f"Embedding({V}, {D}) -> mean over T={T} -> Linear({D}, {C}), all parameters, float32",
-        "n_train": args.n_train, "n_test": args.n_test, "threads": args.threads, "repeats": args.repeats,
-        "loadavg": os.getloadavg(), "torch": torch.__version__, "rows": rows,
-    }
-    if not args.quick:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(args.out)
-        print(f"wrote {args.out}", file=sys.stderr)
-    return 0
+    return rows
 
 
 if __name__ == "__main__":

@@ -407,7 +407,7 @@ def setup_floor_products(ctx: Ctx) -> dict:
                              "allocated outside the timing"}
 
 
-def setup_hessfree(ctx: Ctx) -> dict:
+def setup_hessfree(ctx: Ctx, stack: bool = True) -> dict:
     import hessfree
 
     run = hessfree.Run.from_checkpoints(build_model(ctx.spec), ctx.states, ctx.lrs)
@@ -417,9 +417,10 @@ def setup_hessfree(ctx: Ctx) -> dict:
         def prepare(ds: TensorDataset) -> Callable[[], np.ndarray]:
             def call() -> np.ndarray:
                 if q == "self":
-                    s = hessfree.self_influence(run, ds, batch_size=SCORE_BATCH, progress=False)
+                    s = hessfree.self_influence(run, ds, batch_size=SCORE_BATCH, progress=False, stack=stack)
                 else:
-                    s = hessfree.pairwise_influence(run, ds, ctx.test_ds, batch_size=SCORE_BATCH, progress=False)
+                    s = hessfree.pairwise_influence(run, ds, ctx.test_ds, batch_size=SCORE_BATCH, progress=False,
+                                                    stack=stack)
                 meta[q] = {k: s.meta.get(k) for k in ("fallback_params", "checkpoints_per_pass")}
                 return np.asarray(s.values)
             return call
@@ -428,7 +429,8 @@ def setup_hessfree(ctx: Ctx) -> dict:
     return {
         "self": prep("self"), "pair": prep("pair"), "_meta": meta,
         "inside_timing": "hessfree.self_influence(run, train, batch_size=256, progress=False) / "
-                         "pairwise_influence(run, train, test, batch_size=256, progress=False), float32; the Run "
+                         "pairwise_influence(run, train, test, batch_size=256, progress=False), float32, "
+                         f"stack={stack}; the Run "
                          "(Run.from_checkpoints of the 3 in-memory state dicts) is built outside",
     }
 
@@ -556,6 +558,7 @@ METHODS = [
     Method("floor", "floor (bare fwd+bwd)", setup_floor, False),
     Method("floor_products", "floor + products", setup_floor_products, False),
     Method("hessfree", "hessfree", setup_hessfree, False),
+    Method("hessfree_nostack", "hessfree stack=False", lambda ctx: setup_hessfree(ctx, stack=False), False),
     Method("vmap", "torch.func vmap(grad)", setup_vmap, True),
     Method("captum", "Captum TracInCP (swgpb=True)", setup_captum, True),
     Method("dattri", "dattri TracIn (identity)", setup_dattri, True),

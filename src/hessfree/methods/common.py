@@ -16,6 +16,7 @@ from hessfree.datasets import as_index, check_batch_size, dataset_size, iter_bat
 from hessfree.tasks import check_dataset_labels
 from hessfree.errors import InputError
 from hessfree.grads.engine import GradientEngine
+from hessfree.grads.rules import LinearRule
 from hessfree.grads.stacked import NotStackable, stacking_failures
 from hessfree.grads.select import ParamSpec, select_parameters
 from hessfree.run import Run
@@ -74,10 +75,19 @@ _STACK_SAMPLES = 4096  # rows of one stacked batch (group size × batch size)
 _CHECK_SAMPLES = 16  # samples on which stacking is checked against one checkpoint at a time
 
 
-def group_size(engine: GradientEngine, run: Run, ks: list[int], batch_size: int) -> int:
+def group_size(engine: GradientEngine, run: Run, ks: list[int], batch_size: int, products: bool = False) -> int:
     """How many checkpoints share one pass: bounded by _STACK_BYTES of stacked weights and
-    _STACK_SAMPLES rows per stacked batch (activation memory grows with both)."""
+    _STACK_SAMPLES rows per stacked batch (activation memory grows with both).
+
+    Sharing a pass saves per-operation overhead, which is what a small model's pass mostly is;
+    it saves no arithmetic. ``products``: the caller forms train × test products, which for any
+    layer but nn.Linear (an embedding's are matrix products over its materialised rows) dominate
+    the time: stacking then measured no faster, and up to 1.3× slower with more memory
+    (``benchmarks/engine_shapes.py``, the Embedding + per-token MLP model), so those checkpoints
+    go one at a time."""
     if len(ks) < 2 or not engine.rules or engine.fallback:
+        return 1
+    if products and any(type(e["rule"]) is not LinearRule for e in engine.rules.values()):
         return 1
     state_bytes = sum(p.numel() for p in run.model.parameters()) * engine.dtype.itemsize
     return max(1, min(len(ks), _STACK_BYTES // max(1, state_bytes), _STACK_SAMPLES // batch_size))
@@ -120,7 +130,8 @@ class Scorer:
         for ks, etas in self.checkpoint_groups(extra_batches_per_checkpoint, stack=False):
             yield ks[0], etas[0]
 
-    def checkpoint_groups(self, extra_batches_per_checkpoint: int = 0, stack: bool | None = None):
+    def checkpoint_groups(self, extra_batches_per_checkpoint: int = 0, stack: bool | None = None,
+                          products: bool = False):
         """Yield (checkpoint indices, their η) with the engine bound to all of them at once.
 
         Groups of up to :func:`group_size` checkpoints share one forward and backward per batch
@@ -130,13 +141,14 @@ class Scorer:
         stacked check that does not reproduce the one-checkpoint result) the groups are single
         checkpoints. Each checkpoint is loaded once. ``stack``: None means the Scorer's setting;
         ``extra_batches_per_checkpoint``: batches beyond the training data the caller reports to
-        the progress bar for each checkpoint.
+        the progress bar for each checkpoint; ``products``: the caller forms train × test products
+        (see :func:`group_size`).
         """
         per_checkpoint = -(-self.n // self.batch_size) + extra_batches_per_checkpoint
         bar = tqdm(total=len(self.ks) * per_checkpoint, desc=self.method, disable=not self.progress, leave=False)
         self.bar = bar
         stack = self.stack if stack is None else stack
-        size = group_size(self.engine, self.run, self.ks, self.batch_size) if stack else 1
+        size = group_size(self.engine, self.run, self.ks, self.batch_size, products) if stack else 1
         start = 0
         try:
             while start < len(self.ks):

@@ -143,7 +143,7 @@ def pairwise_influence(run: Run, train_dataset: Dataset, test_dataset: Dataset, 
                 device=device, progress=progress, method="pairwise_influence", ghost=ghost, stack=stack) as sc:
         out = torch.zeros(m, sc.n, dtype=torch.float64, device=sc.engine.device)
         test_checked = None
-        for ks, etas in sc.checkpoint_groups():
+        for ks, etas in sc.checkpoint_groups(products=True):
             w = torch.tensor(etas, dtype=torch.float64, device=out.device)
             try:  # NotStackable comes only from the stacked pass, never from the user's dataset or model
                 test_checked, tests = _test_gradients(sc, test_dataset, test_ids, batch_size, test_checked)
@@ -188,7 +188,7 @@ def _pairwise_top_k(run: Run, train_dataset: Dataset, test_dataset: Dataset, top
         acc = TopKAccumulator(m, k, device=sc.engine.device)
         groups = []  # (checkpoint indices, their η, test gradients) of each pass
         test_checked = None
-        for ks, etas in sc.checkpoint_groups():
+        for ks, etas in sc.checkpoint_groups(products=True):
             try:
                 test_checked, tests = _test_gradients(sc, test_dataset, test_ids, batch_size, test_checked)
             except NotStackable as e:
