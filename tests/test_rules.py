@@ -37,6 +37,24 @@ class Conv1dNet(nn.Module):
         return self.fc(torch.tanh(self.c3(x)).flatten(1))
 
 
+class GroupedRouteNet(nn.Module):
+    """Convolutions with 8 or 1 input channels (those need no channel padding in the grouped
+    route), with stride, dilation, padding and no bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.c2d = nn.Conv2d(8, 8, 3, stride=2, padding=1, dilation=2)
+        self.c1d = nn.Conv1d(8, 8, 3, stride=2, padding=1, bias=False)
+        self.one = nn.Conv1d(1, 8, 2, dilation=2)
+        self.fc = nn.Linear(8 * 9 + 8 * 4 + 8 * 5, 3)
+
+    def forward(self, x):  # (B, 8, 7, 7)
+        a = torch.tanh(self.c2d(x)).flatten(1)
+        b = torch.tanh(self.c1d(x.mean(2))).flatten(1)
+        c = torch.tanh(self.one(x.mean((1, 2)).unsqueeze(1))).flatten(1)
+        return self.fc(torch.cat([a, b, c], 1))
+
+
 class NormSeq(nn.Module):
     """LayerNorm and RMSNorm over (B, T, d), one of them without a bias, and a norm used twice."""
 
@@ -108,6 +126,11 @@ def conv1d_data(n, seed):
     return TensorDataset(torch.randn(n, 3, 11, generator=g), torch.randint(0, 3, (n,), generator=g))
 
 
+def img8_data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 8, 7, 7, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
 def img_data(n, seed):
     g = torch.Generator().manual_seed(seed)
     return TensorDataset(torch.randn(n, 2, 4, 4, generator=g), torch.randint(0, 3, (n,), generator=g))
@@ -142,6 +165,7 @@ def registry():
 
 CASES = {
     "conv1d": (Conv1dNet, conv1d_data),
+    "conv_grouped_route": (GroupedRouteNet, img8_data),
     "layernorm_rmsnorm": (NormSeq, seq_data),
     "groupnorm_batchnorm": (NormConv, img_data),
     "transposed_linear": (GPTish, token_data),
@@ -384,7 +408,7 @@ FORMS = {  # every form the cost model can pick, forced for every block: (sq nor
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("forms", list(FORMS))
-@pytest.mark.parametrize("name", ["conv1d", "layernorm_rmsnorm", "transposed_linear", "encoder"])
+@pytest.mark.parametrize("name", ["conv1d", "conv_grouped_route", "layernorm_rmsnorm", "transposed_linear", "encoder"])
 def test_every_form_the_cost_model_can_pick_is_exact(name, forms, dtype, monkeypatch):
     sq, lin, emb = FORMS[forms]
     monkeypatch.setattr(cost, "linear_sq_norms", lambda *a, **k: sq)
@@ -395,6 +419,14 @@ def test_every_form_the_cost_model_can_pick_is_exact(name, forms, dtype, monkeyp
     build, make = ATTENTION[name] if name in ATTENTION else CASES[name]
     torch.manual_seed(0)
     check_against_bruteforce(perturbed_run(build()), make(13, 0), make(5, 1), dtype, batch_size=6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_unfold_route_for_convolutions_is_exact_too(dtype, monkeypatch):
+    monkeypatch.setattr(rules.ConvRule, "_grouped", staticmethod(lambda module, x: False))  # as off the CPU
+    for build, make in (CASES["conv1d"], CASES["conv_grouped_route"], CASES["groupnorm_batchnorm"]):
+        torch.manual_seed(0)
+        check_against_bruteforce(perturbed_run(build()), make(13, 0), make(5, 1), dtype, batch_size=6)
 
 
 def test_cost_model_picks_the_form_the_shapes_call_for():

@@ -3,9 +3,9 @@
 Every form here gives the same numbers up to rounding; the model only decides which is cheapest.
 Costs are counted in multiply-adds of a dense matrix product (``GEMM``); an element written or
 read by any other operation (an elementwise product, a reduction, a gather, a zero fill) costs
-``MEMORY_OP`` of them. On one CPU core a matrix product runs at 0.025–0.04 ns per multiply-add
-and those memory-bound operations at 0.4–3 ns per element, hence 50; run
-``benchmarks/cost_model.py`` to see the ratio on another machine. A wrong constant costs time,
+``MEMORY_OP`` of them. On one core of the development machine those memory-bound operations cost
+20 (a scatter) to 150 (a gather) multiply-adds per element, hence 50; run
+``benchmarks/cost_model.py`` to see the ratios on another machine. A wrong constant costs time,
 never accuracy.
 
 Shapes: ``B`` and ``M`` samples on the two sides, ``T`` and ``S`` their positions per sample
