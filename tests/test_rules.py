@@ -444,3 +444,20 @@ def test_cost_model_picks_the_form_the_shapes_call_for():
     assert cost.embedding_gram(256, 128, 32, 32, 1100, 64, kept=(True, False)) == "dense"
     assert cost.embedding_gram(256, 128, 32, 32, 50_000, 64, kept=(True, False)) in ("read", "factorised")
     assert cost.embedding_gram(256, 128, 32, 32, 10**6, 64) == "factorised"  # nothing fits
+
+
+@pytest.mark.parametrize("forms", ["dense", "dense_read"])
+def test_training_gradients_kept_across_test_chunks_are_exact(forms, monkeypatch):
+    from hessfree.methods import tracin
+    sq, lin, emb = FORMS[forms]
+    monkeypatch.setattr(cost, "linear_gram", lambda *a, **k: lin)
+    monkeypatch.setattr(cost, "embedding_gram", lambda *a, **k: emb)
+    monkeypatch.setattr(tracin, "_MERGE_SAMPLES", 2)  # test batches of 2 stay apart: every training batch kept
+    kept = []
+    real = tracin.BatchGrads.weighted_gram
+    monkeypatch.setattr(tracin.BatchGrads, "weighted_gram",
+                        lambda self, other, w, keep_other=False: kept.append(keep_other) or real(self, other, w, keep_other))
+    torch.manual_seed(0)
+    build, make = ATTENTION["encoder"]
+    check_against_bruteforce(perturbed_run(build()), make(13, 0), make(5, 1), torch.float64, batch_size=2)
+    assert kept and all(kept)

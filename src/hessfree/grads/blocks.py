@@ -311,9 +311,11 @@ class BatchGrads:
             self._slabs[k] = BatchGrads([blk.select(rows) for blk in self.blocks], self.losses[rows])
         return self._slabs[k]
 
-    def weighted_gram(self, other: "BatchGrads", weights: Tensor) -> Tensor:
+    def weighted_gram(self, other: "BatchGrads", weights: Tensor, keep_other: bool = False) -> Tensor:
         """(B, M) float64 Σ_k weights[k] · (this batch at checkpoint k)·(``other`` at checkpoint k),
-        for two BatchGrads of the same checkpoint group."""
+        for two BatchGrads of the same checkpoint group. This side is the one reused against many
+        others (what it materialises is kept); ``keep_other``: ``other`` is reused too (against
+        several chunks of this side's kind)."""
         K = self.group
         if other.group != K or len(weights) != K:
             raise ValueError("weighted_gram needs two BatchGrads of the same checkpoint group")
@@ -328,7 +330,7 @@ class BatchGrads:
                     aa = torch.bmm(b.a.reshape(K, B, -1), o.a.reshape(K, M, -1).transpose(1, 2))
                     part = torch.addcmul(part, part, aa) if b.bias is not None else part * aa
             else:  # this side is reused against every batch of the other: what it materialises is kept
-                part = torch.stack([mk.blocks[j].gram(tk.blocks[j], kept=(True, False))  # type: ignore[arg-type]
+                part = torch.stack([mk.blocks[j].gram(tk.blocks[j], kept=(True, keep_other))  # type: ignore[arg-type]
                                     for mk, tk in zip(mine, theirs)])
             per_k = part if per_k is None else per_k.add_(part)
         assert per_k is not None

@@ -12,6 +12,11 @@ Shapes: ``B`` and ``M`` samples on the two sides, ``T`` and ``S`` their position
 (sequence length, or output pixels for a convolution), ``d_in`` / ``d_out`` a linear map's sizes
 (the bias counted as one more input), ``V`` × ``D`` an embedding table.
 
+Dot products with one parameter-shaped vector (a target's gradient) need no choice: applying the
+vector to every input position costs B·T·d_in·d_out + B·T·d_out, forming the gradients first
+costs the same plus B·d_in·d_out, so the blocks always take the factorised form (an embedding
+reads the vector's rows at its ids, B·T·D).
+
 A side marked ``kept`` is reused against many others (the test side of a train × test matrix,
 bound once per checkpoint): its materialisation is paid once and counted as free here, provided
 it fits :data:`MAX_DENSE`.

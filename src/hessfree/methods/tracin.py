@@ -246,7 +246,8 @@ def _add_blocks(out: torch.Tensor, tests: list, tr: BatchGrads, w: torch.Tensor,
     """out[test rows, cols] += Σ_k η_k ⟨test, train⟩ for every chunk of test gradients (as the dense path)."""
     c = as_index(cols)
     for rows, r, te in tests:
-        block = te.weighted_gram(tr, w).detach()  # (B_test, B_train) float64, Σ_k η_k
+        # the training batch's materialised gradients are kept for the next test chunk, if any
+        block = te.weighted_gram(tr, w, keep_other=len(tests) > 1).detach()  # (B_test, B_train) float64, Σ_k η_k
         _check_finite(block.sum(0), ids, "loss or gradient")
         if isinstance(r, slice) and isinstance(c, slice):
             out[r, c].add_(block)
