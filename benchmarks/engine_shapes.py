@@ -34,10 +34,17 @@ Methods (each scores in batches of 256, hessfree's default ``batch_size``):
   forward): the cheapest product that fills the (n_test, N) output (it is the exact TracIn matrix of the last
   layer's bias alone). So the floor is a lower bound on what any exact method does (the passes it must make,
   the matrix it must write), not an achievable time for all-parameter scores.
+* ``floor_products``: the floor plus the products an exact method over materialised (B, P) per-sample
+  gradients of all P parameters must do, on random (256, P) and (n_test, P) matrices allocated outside the
+  timing: self, the squared row norms per training batch; train x test, ``out[:, batch] += eta * G_test @
+  G_batch.T`` per training batch, both per checkpoint. This is the "floor of the passes plus the matrix
+  products": forming the per-sample gradients is not counted, and a factorised form can beat the products.
 * ``hessfree``: ``hessfree.Run.from_checkpoints(model, states, [0.1]*3)`` (outside the timing), then
   ``self_influence(run, train, batch_size=256, progress=False)`` /
   ``pairwise_influence(run, train, test, batch_size=256, progress=False)``; ``meta["fallback_params"]`` (the
   parameters that went through ``vmap(grad)``) and ``meta["checkpoints_per_pass"]`` are recorded.
+  ``hessfree_nostack``: the same with ``stack=False`` (one checkpoint per pass), to show what sharing a
+  pass between checkpoints gains or costs.
 * ``captum``: Captum ``TracInCP(sample_wise_grads_per_batch=True)``, ``loss_fn=CrossEntropyLoss(reduction=
   "sum")``, checkpoint files read by ``peers._captum_load_func``; ``self_influence(train_loader,
   outer_loop_by_checkpoints=True)`` / ``influence(test_loader)``. Captum computes per-sample gradients with
@@ -64,7 +71,8 @@ outside the timing), then ``--repeats`` timed calls on all N (median reported); 
 before), so no sampling thread runs during a timed call. The load average is recorded before each method.
 
 Ratios: ``x floor`` = method median / floor median for the same quantity (self: hessfree_self / floor_self;
-train x test: hessfree_pair / floor_pair as defined above). ``vs fastest exact peer`` = hessfree median / the
+train x test: hessfree_pair / floor_pair as defined above); ``x floor+products`` = method median /
+floor_products median. ``vs fastest exact peer`` = hessfree median / the
 fastest median among vmap, Captum and dattri that are exact on the model: error <= 1e-4 on BOTH quantities
 (Captum leaves parameters out and may still pass on one of them; < 1: hessfree is faster).
 
