@@ -461,3 +461,19 @@ def test_training_gradients_kept_across_test_chunks_are_exact(forms, monkeypatch
     build, make = ATTENTION["encoder"]
     check_against_bruteforce(perturbed_run(build()), make(13, 0), make(5, 1), torch.float64, batch_size=2)
     assert kept and all(kept)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 1e-2), (torch.bfloat16, 3e-2)])
+def test_half_precision_keeps_every_rule(dtype, tol):
+    """Per-sample gradients formed in half precision are each rounded before the engine's first-batch
+    check sums them: the check allows for that (8 ulps), so no layer is demoted to the fallback."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 3))
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(20, 3, 6, 6, generator=g), torch.randint(0, 3, (20,), generator=g))
+    run = hessfree.Run.from_checkpoints(model, [model.state_dict()], [0.1])
+    ref = hessfree.self_influence(run, data, dtype=torch.float64, **Q)
+    half = hessfree.self_influence(run, data, dtype=dtype, **Q)
+    assert half.meta["fallback_params"] == []
+    assert rel_err(half.values, ref.values) <= tol
