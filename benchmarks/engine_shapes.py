@@ -84,7 +84,7 @@ samples only (a multiple of 256, at least the reference subset), its times are s
 Usage::
 
     PYTHONPATH=src .venv/bin/python benchmarks/engine_shapes.py            # both thread counts, all models
-                                                                            # (19 min on a quiet 2-core machine)
+                                                                            # (20 min on a quiet 2-core machine)
     PYTHONPATH=src .venv/bin/python benchmarks/engine_shapes.py --quick    # smoke run (tiny sizes)
     PYTHONPATH=src .venv/bin/python benchmarks/engine_shapes.py --models cnn llama --threads 1 --out /tmp/x.json
 
