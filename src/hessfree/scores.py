@@ -127,7 +127,7 @@ class Scores:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Scores":
         """Read a file written by :meth:`save`; anything else raises InputError saying what is wrong."""
-        arrays, meta, path = load_npz(path, ("values", "sample_ids"), "hessfree scores file")
+        arrays, meta = load_npz(path, ("values", "sample_ids"), "hessfree scores file")
         return cls(arrays["values"], arrays["sample_ids"], meta, arrays.get("test_ids"))
 
 
@@ -149,8 +149,8 @@ def save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict[
 
 
 def load_npz(path: str | os.PathLike, required: tuple[str, ...], what: str
-             ) -> tuple[dict[str, np.ndarray], dict[str, Any], Path]:
-    """(arrays, meta, the path read) of a file written by :func:`save_npz`, the ``required`` arrays
+             ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """(arrays, meta) of a file written by :func:`save_npz`, the ``required`` arrays
     present and numeric; anything else raises InputError naming ``what`` was expected."""
     path = Path(path)
     if not path.exists() and path.suffix != ".npz":
@@ -182,7 +182,7 @@ def load_npz(path: str | os.PathLike, required: tuple[str, ...], what: str
     for k in required:
         if arrays[k].dtype.kind not in "biuf":
             raise InputError(f"{path}: its {k} are of dtype {arrays[k].dtype}, not numbers")
-    return arrays, meta, path
+    return arrays, meta
 
 
 def _storable(obj: Any, where: str) -> Any:

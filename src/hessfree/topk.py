@@ -102,7 +102,7 @@ class TopInfluence:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TopInfluence":
-        arrays, meta, _ = load_npz(path, _ARRAYS, "saved TopInfluence")
+        arrays, meta = load_npz(path, _ARRAYS, "saved TopInfluence")
         return cls(*(arrays[a] for a in _ARRAYS), meta=meta)
 
 

@@ -28,6 +28,7 @@ or the layer goes to the fallback. A user adds a layer type with :func:`register
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -114,6 +115,18 @@ def batch_major(t: Tensor, B: int, memo: dict | None = None) -> Tensor:
     return t if dim == 0 else t.transpose(0, 1)
 
 
+def _dense_block(sel: Selected, columns: Sequence[tuple[str | None, Tensor | None, int]]) -> DenseBlock:
+    """A :class:`DenseBlock` of the selected parameters among ``columns`` (name or None when not
+    selected, the (B, numel) per-sample gradients or None for zeros, numel), in that order."""
+    cols, names, sizes = [], [], []
+    for name, v, numel in columns:
+        if name is not None:
+            cols.append(v if v is not None else torch.zeros(sel.B, numel, dtype=sel.dtype, device=sel.device))
+            names.append(name)
+            sizes.append(numel)
+    return DenseBlock(cols[0] if len(cols) == 1 else torch.cat(cols, 1), names, sizes)
+
+
 def _linear_block(a_parts: list[Tensor], g_parts: list[Tensor], d_in: int, d_out: int, sel: Selected,
                   transposed: bool = False) -> LinearBlock:
     if not a_parts:
@@ -129,22 +142,27 @@ def _linear_block(a_parts: list[Tensor], g_parts: list[Tensor], d_in: int, d_out
 class LinearRule(LayerRule):
     """``y_t = W a_t + b`` at every position t of any leading dimensions."""
 
+    transposed = False  # the weight is stored (d_in, d_out)
+
+    def sizes(self, module: nn.Module) -> tuple[int, int]:
+        """(d_in, d_out)."""
+        return module.in_features, module.out_features
+
     def block(self, module, calls, sel):
-        d_in, d_out = module.in_features, module.out_features
+        d_in, d_out = self.sizes(module)
         a = [batch_major(x, sel.B, sel.memo).reshape(sel.B, -1, d_in) for x, _ in calls]
         g = [batch_major(go, sel.B, sel.memo).reshape(sel.B, -1, d_out) for _, go in calls]
-        return _linear_block(a, g, d_in, d_out, sel)
+        return _linear_block(a, g, d_in, d_out, sel, transposed=self.transposed)
 
 
-class TransposedLinearRule(LayerRule):
+class TransposedLinearRule(LinearRule):
     """``y = x W + b`` with ``W`` stored (d_in, d_out), as Hugging Face's GPT-2 ``Conv1D``: the
     Linear rule with the weight's layout transposed. ``weight`` is read for its shape only."""
 
-    def block(self, module, calls, sel):
-        d_in, d_out = module.weight.shape[-2], module.weight.shape[-1]
-        a = [batch_major(x, sel.B, sel.memo).reshape(sel.B, -1, d_in) for x, _ in calls]
-        g = [batch_major(go, sel.B, sel.memo).reshape(sel.B, -1, d_out) for _, go in calls]
-        return _linear_block(a, g, d_in, d_out, sel, transposed=True)
+    transposed = True
+
+    def sizes(self, module):
+        return module.weight.shape[-2], module.weight.shape[-1]
 
 
 class ConvRule(LayerRule):
@@ -207,9 +225,7 @@ class ConvRule(LayerRule):
             if sel.bias is not None:
                 part = go.reshape(B, d_out, -1).sum(2)
                 b = part if b is None else b + part
-        names = [n for n in (sel.weight, sel.bias) if n is not None]
-        parts = [p for p in (w, b) if p is not None]
-        return DenseBlock(torch.cat(parts, 1) if len(parts) > 1 else parts[0], names, [p.shape[1] for p in parts])
+        return _dense_block(sel, ((sel.weight, w, d_out * c * math.prod(module.kernel_size)), (sel.bias, b, d_out)))
 
 
 class EmbeddingRule(LayerRule):
@@ -257,12 +273,7 @@ class _AffineRule(LayerRule):
             if sel.bias is not None:
                 part = g.sum(1)
                 gb = part if gb is None else gb + part
-        cols, names = [], []
-        for name, v in ((sel.weight, gw), (sel.bias, gb)):
-            if name is not None:
-                cols.append(v if v is not None else torch.zeros(sel.B, numel, dtype=sel.dtype, device=sel.device))
-                names.append(name)
-        return DenseBlock(cols[0] if len(cols) == 1 else torch.cat(cols, 1), names, [numel] * len(names))
+        return _dense_block(sel, ((sel.weight, gw, numel), (sel.bias, gb, numel)))
 
 
 class LayerNormRule(_AffineRule):

@@ -37,13 +37,13 @@ class NotStackable(Exception):
 
 
 @contextmanager
-def stacking_failures(active: bool, group: int = 1) -> Iterator[None]:
-    """While several checkpoints share a pass (``active``): running out of memory means the pass
+def stacking_failures(group: int) -> Iterator[None]:
+    """While several checkpoints share a pass (``group`` > 1): running out of memory means the pass
     failed (NotStackable, chained, for the caller to score the checkpoints one at a time), as does
     a failure inside a stacked layer (raised as NotStackable there). Any other error, the user's
     own included, surfaces at once and unchanged, with a note saying that checkpoints shared the
     pass (a model that assumes its batch size would fail so: pass stack=False)."""
-    if not active:
+    if group < 2:
         yield
         return
     try:

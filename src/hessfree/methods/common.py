@@ -248,9 +248,10 @@ class Scorer:
             self.bar.update(self.engine.stack)
 
     def stacking_failures(self):
-        """Context: a torch RuntimeError inside means the stacked pass failed (NotStackable), while
-        several checkpoints are bound (:func:`hessfree.grads.stacked.stacking_failures`)."""
-        return stacking_failures(self.engine.stack > 1, self.engine.stack)
+        """Context: while several checkpoints are bound, running out of memory or a failure inside a
+        stacked layer means the stacked pass failed (NotStackable); any other error gets a note
+        (:func:`hessfree.grads.stacked.stacking_failures`)."""
+        return stacking_failures(self.engine.stack)
 
     def add(self, out: torch.Tensor, pos: np.ndarray, values: torch.Tensor, scale: float) -> None:
         """out[pos] += scale * values (float64 accumulation; a slice when pos is contiguous)."""

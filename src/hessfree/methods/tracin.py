@@ -142,16 +142,7 @@ def pairwise_influence(run: Run, train_dataset: Dataset, test_dataset: Dataset, 
     with Scorer(run, train_dataset, params=params, checkpoints=checkpoints, batch_size=batch_size, dtype=dtype,
                 device=device, progress=progress, method="pairwise_influence", ghost=ghost, stack=stack) as sc:
         out = torch.zeros(m, sc.n, dtype=torch.float64, device=sc.engine.device)
-        test_checked = None
-        for ks, etas in sc.checkpoint_groups(products=True):
-            w = torch.tensor(etas, dtype=torch.float64, device=out.device)
-            try:  # NotStackable comes only from the stacked pass, never from the user's dataset or model
-                test_checked, tests = _test_gradients(sc, test_dataset, test_ids, batch_size, test_checked)
-            except NotStackable as e:
-                if len(ks) == 1:
-                    raise
-                sc.redo_alone(e)  # nothing added yet: this group again, one checkpoint at a time
-                continue
+        for ks, w, tests in _test_groups(sc, test_dataset, test_ids, batch_size):
             with _explained(len(ks)):
                 for pos, _, tr in sc.train_batches():
                     with sc.stacking_failures():
@@ -186,17 +177,7 @@ def _pairwise_top_k(run: Run, train_dataset: Dataset, test_dataset: Dataset, top
     with Scorer(run, train_dataset, params=params, checkpoints=checkpoints, batch_size=batch_size, dtype=dtype,
                 device=device, progress=progress, method="pairwise_influence", ghost=ghost, stack=stack) as sc:
         acc = TopKAccumulator(m, k, device=sc.engine.device)
-        groups = []  # (checkpoint indices, their η, test gradients) of each pass
-        test_checked = None
-        for ks, etas in sc.checkpoint_groups(products=True):
-            try:
-                test_checked, tests = _test_gradients(sc, test_dataset, test_ids, batch_size, test_checked)
-            except NotStackable as e:
-                if len(ks) == 1:
-                    raise
-                sc.redo_alone(e)  # this group again, one checkpoint at a time
-                continue
-            groups.append((ks, torch.tensor(etas, dtype=torch.float64, device=sc.engine.device), tests))
+        groups = list(_test_groups(sc, test_dataset, test_ids, batch_size))  # one per pass
         window = min(n, max(1, _TOPK_WINDOW_BYTES // (8 * m * batch_size)) * batch_size)
         bar = tqdm(total=len(sc.ks) * -(-n // batch_size), desc="pairwise_influence top_k", disable=not progress,
                    leave=False)
@@ -223,6 +204,24 @@ def _pairwise_top_k(run: Run, train_dataset: Dataset, test_dataset: Dataset, top
         meta = sc.meta(n_test=m, goal="minimize", top_k=k, window=window, passes=len(groups))
     hp, hv, lp, lv = acc.positions()
     return TopInfluence(test_ids, sc.ids[hp], hv, sc.ids[lp], lv, meta)
+
+
+def _test_groups(sc: Scorer, test_dataset: Dataset, test_ids: np.ndarray, batch_size: int):
+    """Yield, per pass over the checkpoints, (checkpoint indices, their η as a float64 tensor, the
+    test gradients of :func:`_test_gradients`) with the engine bound to those checkpoints. A group
+    whose test batches fail stacked is scored again one checkpoint at a time (nothing was added
+    for it yet); NotStackable comes only from the stacked pass, never from the user's dataset or
+    model."""
+    checked = None
+    for ks, etas in sc.checkpoint_groups(products=True):
+        try:
+            checked, tests = _test_gradients(sc, test_dataset, test_ids, batch_size, checked)
+        except NotStackable as e:
+            if len(ks) == 1:
+                raise
+            sc.redo_alone(e)
+            continue
+        yield ks, torch.tensor(etas, dtype=torch.float64, device=sc.engine.device), tests
 
 
 def _test_gradients(sc: Scorer, test_dataset: Dataset, test_ids: np.ndarray, batch_size: int,
