@@ -173,7 +173,51 @@ def sweep_save(work: Path) -> dict:
     return {"calls": calls, "kills": kills, **outcomes}
 
 
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def sweep_store(work: Path) -> dict:
+    """A gradient store build killed at every file-system step, then resumed: the finished store
+    is byte-identical to an uninterrupted build, the chunks committed before the kill are kept
+    (not rewritten), and no leftover remains."""
+    from hessfree.store import build_store
+
+    run = hessfree.Run.from_checkpoints(model(0), [model(0).state_dict(), model(1).state_dict()], [0.5, 0.25])
+    Q = dict(chunk_rows=7, batch_size=4, progress=False)
+    reference = tree_bytes(build_store(run, data(0), work / "reference", **Q).path)
+    path = work / "store"
+
+    def write() -> None:
+        build_store(run, data(0), path, **Q)
+
+    outcomes = {"empty": 0, "manifest_only": 0, "partial": 0, "complete": 0, "leftovers": 0, "kept_chunks": 0}
+    kills = calls = 0
+    for target, _ in killed_writes(write, lambda: shutil.rmtree(path, ignore_errors=True)):
+        kills, calls = kills + 1, target
+        chunks = path / "chunks"
+        committed = {p.name: p.stat().st_ino for p in chunks.iterdir() if not p.name.startswith(".")} \
+            if chunks.is_dir() else {}
+        temps = [p for p in chunks.iterdir() if p.name.startswith(".")] if chunks.is_dir() else []
+        outcomes["leftovers"] += len(temps)
+        if not (path / "manifest.json").exists():
+            outcomes["empty"] += 1
+        elif not committed:
+            outcomes["manifest_only"] += 1
+        elif len(committed) < 4:
+            outcomes["partial"] += 1
+        else:
+            outcomes["complete"] += 1
+        write()  # resume
+        assert tree_bytes(path) == reference, (target, sorted(tree_bytes(path)), sorted(reference))
+        for name, ino in committed.items():  # kept, not computed again
+            assert (chunks / name).stat().st_ino == ino, (target, name)
+        outcomes["kept_chunks"] += len(committed)
+        assert not [p for p in chunks.iterdir() if p.name.startswith(".")], (target, sorted(os.listdir(chunks)))
+    return {"calls": calls, "kills": kills, **outcomes}
+
+
 if __name__ == "__main__":
     mode, work = sys.argv[1], Path(sys.argv[2])
-    result = {"fit": sweep_fit, "save": sweep_save}[mode](work)
+    result = {"fit": sweep_fit, "save": sweep_save, "store": sweep_store}[mode](work)
     print(json.dumps(result))

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from hessfree.errors import InputError
-from hessfree.scores import SIGN_CONVENTION, load_npz, resolve_k, save_npz
+from hessfree.scores import SIGN_CONVENTION, Scores, load_npz, resolve_k, save_npz
 
 _ARRAYS = ("test_ids", "helpful_ids", "helpful_values", "harmful_ids", "harmful_values")
 
@@ -43,6 +43,7 @@ class TopInfluence:
     harmful_ids: np.ndarray
     harmful_values: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
+    aggregate: Scores | None = None  # one score per training sample across the queries (topk_influence)
 
     def __post_init__(self) -> None:
         self.test_ids = np.asarray(self.test_ids, dtype=np.int64).reshape(-1)
@@ -98,12 +99,22 @@ class TopInfluence:
     def save(self, path: str | os.PathLike) -> Path:
         """Write an ``.npz`` (NumPy arrays + JSON metadata; no pickle), atomically; ``meta`` must be
         what JSON stores faithfully (see :meth:`hessfree.Scores.save`)."""
-        return save_npz(path, {a: getattr(self, a) for a in _ARRAYS}, self.meta)
+        arrays = {a: getattr(self, a) for a in _ARRAYS}
+        meta = self.meta
+        if self.aggregate is not None:
+            arrays.update(aggregate_values=self.aggregate.values, aggregate_ids=self.aggregate.sample_ids)
+            meta = {**meta, "aggregate_meta": self.aggregate.meta}
+        return save_npz(path, arrays, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TopInfluence":
         arrays, meta = load_npz(path, _ARRAYS, "saved TopInfluence")
-        return cls(*(arrays[a] for a in _ARRAYS), meta=meta)
+        aggregate = None
+        if "aggregate_meta" in meta:
+            if "aggregate_values" not in arrays or "aggregate_ids" not in arrays:
+                raise InputError(f"{path}: the saved TopInfluence names an aggregate but lacks its arrays")
+            aggregate = Scores(arrays["aggregate_values"], arrays["aggregate_ids"], meta.pop("aggregate_meta"))
+        return cls(*(arrays[a] for a in _ARRAYS), meta=meta, aggregate=aggregate)
 
 
 class TopKAccumulator:

@@ -30,8 +30,10 @@ from hessfree.errors import InputError
 from hessfree.grads.select import ParamSpec, frequency_scaled_layer, select_parameters
 from hessfree.grads.stacked import NotStackable
 from hessfree.methods.common import Scorer, check_labels
+from hessfree.methods.streaming import influence_from, pairwise_from, self_influence_from
 from hessfree.run import Run
 from hessfree.scores import Scores, resolve_k
+from hessfree.store import GradientStore
 from hessfree.targets import Loss, Target
 from hessfree.topk import TopInfluence, TopKAccumulator
 
@@ -47,7 +49,13 @@ def self_influence(run: Run, train_dataset: Dataset, *, params: ParamSpec = "all
     ``stack``: score several checkpoints in one pass per batch where that is possible and checked
     (:mod:`hessfree.grads.stacked`; memory grows with checkpoints × ``batch_size`` rows, at most
     4,096); ``False``: one checkpoint at a time (needed for a model that reorders its batch).
+
+    ``run`` may be a gradient store (:mod:`hessfree.store`): the scores then come from its exact
+    stored squared norms, and ``train_dataset`` may be None (or the store's dataset, checked).
     """
+    if isinstance(run, GradientStore):
+        _store_defaults(params=params, checkpoints=checkpoints)
+        return self_influence_from(run, train_dataset)
     with Scorer(run, train_dataset, params=params, checkpoints=checkpoints, batch_size=batch_size, dtype=dtype,
                 device=device, progress=progress, method="self_influence", ghost=ghost, stack=stack) as sc:
         out = torch.zeros(sc.n, dtype=torch.float64, device=sc.engine.device)
@@ -80,7 +88,13 @@ def influence(run: Run, train_dataset: Dataset, target: Target | Dataset, *, par
     ``target``: a :mod:`hessfree.targets` object (``targets.Loss(val_dataset)``,
     ``targets.Prediction(inputs, class_index)``, …); a bare dataset means ``targets.Loss(dataset)``.
     Positive = removing the sample raises the target (for a loss target: helpful).
+
+    ``run`` may be a gradient store opened with its run (:func:`hessfree.store.open_store`): the
+    training gradients are then read from it.
     """
+    if isinstance(run, GradientStore):
+        _store_defaults(params=params, checkpoints=checkpoints)
+        return influence_from(run, train_dataset, target, device=device, progress=progress)
     if not isinstance(target, Target):
         target = Loss(target)
     target.validate()
@@ -98,6 +112,15 @@ def influence(run: Run, train_dataset: Dataset, target: Target | Dataset, *, par
                 sc.add(out, pos, s, eta)
         meta = sc.meta(target=target.describe(), goal=target.goal)
     return Scores(out.cpu().numpy(), sc.ids, meta)
+
+
+def _store_defaults(**given: Any) -> None:
+    """A store fixes the parameter selection and the checkpoints: refuse other values for them."""
+    defaults = {"params": "all", "checkpoints": None, "top_k": None}
+    bad = [k for k, v in given.items() if v != defaults[k]]
+    if bad:
+        raise InputError(f"{', '.join(bad)} cannot be chosen when scoring from a gradient store (the store fixes "
+                         "them; top-k from a store: hessfree.topk_influence)")
 
 
 def _refuse_frequency_scaled_embeddings(model: nn.Module, params: ParamSpec) -> None:
@@ -132,7 +155,13 @@ def pairwise_influence(run: Run, train_dataset: Dataset, test_dataset: Dataset, 
     order as ``helpful`` / ``harmful`` of the matrix, ties by the lower training position.
     ``top_k`` follows :func:`hessfree.scores.resolve_k` (a count 1 ≤ k ≤ N or a fraction of N),
     checked before any gradient work.
+
+    ``run`` may be a gradient store opened with its run (:func:`hessfree.store.open_store`): the
+    training gradients are then read from it (``top_k`` there: use :func:`hessfree.topk_influence`).
     """
+    if isinstance(run, GradientStore):
+        _store_defaults(params=params, checkpoints=checkpoints, top_k=top_k)
+        return pairwise_from(run, train_dataset, test_dataset, device=device, progress=progress)
     if top_k is not None:
         return _pairwise_top_k(run, train_dataset, test_dataset, top_k, params=params, checkpoints=checkpoints,
                                batch_size=batch_size, dtype=dtype, device=device, progress=progress, ghost=ghost,
