@@ -55,9 +55,11 @@ def outlier_scores(run_or_model: Run | nn.Module, train_dataset: Dataset, *, det
     """Score every training sample by how outlying its gradient is: Scores (N,), higher = more outlying.
 
     Args:
-        run_or_model: a :class:`hessfree.Run` (its last checkpoint is used) or a trained
+        run_or_model: a :class:`hessfree.Run` (its last checkpoint is used), a trained
             ``nn.Module`` (its current weights; then ``loss`` names the loss, default
-            ``"cross_entropy"``).
+            ``"cross_entropy"``), or a gradient store (:mod:`hessfree.store`; its last checkpoint's
+            rows are the features, ``l2`` comes from its exact squared norms; ``train_dataset``
+            may be None; a ``reference`` needs the store opened with its run).
         detector: ``"iforest"`` (−IsolationForest.score_samples; 100 trees, max_samples =
             min(256, N), ``random_state``), ``"l1"`` (Σ|g|), ``"l2"`` (‖g‖₂, the square root of
             one-checkpoint self-influence with η = 1), ``"ocsvm"`` (−OneClassSVM.decision_function fitted on
@@ -91,6 +93,14 @@ def outlier_scores(run_or_model: Run | nn.Module, train_dataset: Dataset, *, det
     (:func:`memory_estimate`) exceed 2 GiB. ``l1`` / ``l2`` keep N norms (with ``projection``,
     each batch's projected gradients are reduced to their norms at once).
     """
+    from hessfree.store import GradientStore
+
+    if isinstance(run_or_model, GradientStore):
+        from hessfree.methods.streaming import outlier_from
+
+        return outlier_from(run_or_model, train_dataset, detector=detector, params=params, projection=projection,
+                            reference=reference, random_state=random_state, k=k,
+                            detector_options=detector_options, device=device, progress=progress)
     t0 = time.perf_counter()
     name, det = _check_detector(detector, reference, detector_options)
     if gradient_path not in GRADIENT_PATHS:

@@ -250,3 +250,61 @@ def influence_from(store: GradientStore, train: Dataset | None, target: Target |
             out[chunk.start:chunk.stop] = _products(chunk, q, src.etas, None)[0].cpu()
         meta = src.meta(target=target.describe(), goal=target.goal)
     return Scores(out.numpy(), src.ids, meta)
+
+
+def outlier_from(store: GradientStore, train: Dataset | None, *, detector: Any, params: Any, projection: Any,
+                 reference: Dataset | None, random_state: int, k: Any, detector_options: dict | None,
+                 device: Any = None, progress: bool = True) -> Scores:
+    """Outlier Gradient Analysis on the gradients of a store (its last checkpoint): ``l2`` from the
+    exact stored squared norms, ``l1`` from the stored rows, feature detectors on the stored rows
+    (fitted on the ``reference`` gradients, projected as the rows are, when given)."""
+    from hessfree.grads.select import select_parameters
+    from hessfree.methods.outlier import _check_detector, _detect, _sklearn_detector, feature_dtype
+
+    t0 = time.perf_counter()
+    name, det = _check_detector(detector, reference, detector_options)
+    if projection is not None:
+        raise InputError("a gradient store fixes the projection; leave projection=None when scoring from one")
+    if store.run is None and (reference is not None or train is not None or params != "last_layer_weight"):
+        raise InputError("open the store with its run (hessfree.store.open_store(path, run)) to use a reference "
+                         "dataset, check the training dataset or name parameters")
+    if params != "last_layer_weight" and select_parameters(store.run.model, params) != store.manifest["params"]:
+        raise InputError(f"params={params!r} is not the store's parameter selection ({store.manifest['params']}); "
+                         "a store fixes it (leave params at its default)")
+    store._require_complete()
+    if train is not None:
+        store.check(store.run, train)
+    n = store.rows
+    if k is not None:
+        resolve_k(k, n)
+    if isinstance(random_state, bool) or not isinstance(random_state, (int, np.integer)) or random_state < 0:
+        raise InputError(f"random_state must be a non-negative integer, got {random_state!r}")
+    if name in ("iforest", "ocsvm", "lof"):
+        n_fit = dataset_size(reference, "reference dataset") if reference is not None else n
+        _sklearn_detector(name, detector_options or {}, int(random_state), n_fit, novelty=reference is not None)
+    last = len(store.manifest["checkpoints"]) - 1
+    ref_values = None
+    if name == "l2":
+        values = np.sqrt(np.clip(store.sq_norms()[last], 0, None))
+    else:
+        fdt = np.dtype(np.float64) if name == "l1" else feature_dtype(name, torch.float32)
+        values = np.empty((n, store.dim), dtype=fdt)
+        for chunk in store.chunks():
+            values[chunk.start:chunk.stop] = chunk.grads[last].float().numpy()
+        if name == "l1":
+            values = np.abs(values).sum(1)
+        elif reference is not None:
+            stream = store.stream(store.run, device=device, checked=True)
+            stream.ks, stream.etas = stream.ks[-1:], stream.etas[-1:]  # the last checkpoint only
+            with stream:
+                R, _ = stream.query_gradients(reference, "reference dataset")
+            ref_values = R[0].cpu().numpy().astype(fdt)
+    scores = _detect(name, det, values, ref_values, int(random_state), detector_options or {})
+    meta = {"method": "outlier_gradient", "kind": "outlier", "goal": "minimize", "detector": name, "source": "store",
+            "store": str(store.path), "checkpoints": store.checkpoint_indices[-1:],
+            "param_names": list(store.manifest["params"]), "projection": store.manifest["projection"],
+            "stored_dtype": store.manifest["dtype"], "n_reference": 0 if reference is None else len(reference),
+            "reference_used": ref_values is not None, "random_state": int(random_state),
+            "detector_options": detector_options or {}, "flag_k": k, "n_train": n,
+            "sign_convention": SIGN_CONVENTION, "timing": {"total_s": time.perf_counter() - t0}}
+    return Scores(scores, store.sample_ids(), meta)
